@@ -1,0 +1,479 @@
+"""The main job: one scan in, one chemical-image product out, as a Prefect flow.
+
+``process_scan`` chains coarse Prefect tasks (ingest, integrate, sinogram, reconstruct,
+mapping, publish). Tasks pass the path of the product's work store, never arrays; the
+chunk-level parallelism inside a task is Dask's (a LocalCluster by default, or an existing
+cluster given by address). Runs with no Prefect server configured (ephemeral API).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flows import progress
+from pipelines.spec import PipelineSpec, SpecError, load_spec, parse_spec
+from tasks import store
+
+
+class ProcessingError(RuntimeError):
+    """A stage could not produce its output; the message names the stage and input."""
+
+
+@dataclass
+class Request:
+    """Everything that defines a product (JSON-serialisable, passed between tasks)."""
+
+    scan: str
+    spec_json: str
+    spec_base_dir: str | None
+    poni: str | None
+    out: str
+    product_id: str = ""
+    inputs: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> PipelineSpec:
+        spec = parse_spec(json.loads(self.spec_json), source="<request>", base_dir=self.spec_base_dir)
+        if self.poni:
+            spec.calibration.poni = self.poni
+        return spec
+
+    @property
+    def work(self) -> Path:
+        return store.work_path(self.out, self.product_id)
+
+    @property
+    def final(self) -> Path:
+        return store.published_path(self.out, self.product_id)
+
+
+def _poni_path(req_poni: str | None, spec: PipelineSpec) -> Path | None:
+    p = Path(req_poni) if req_poni else spec.resolve(spec.calibration.poni)
+    if p is not None and not p.is_file():
+        raise SpecError(f"calibration.poni: PONI file {str(p)!r} not found")
+    return p
+
+
+def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = None,
+                 poni: str | Path | None = None, out: str | Path = "xrdct-out") -> Request:
+    """Validate the inputs, checksum them and compute the product's content address.
+
+    Raises
+    ------
+    SpecError
+        Spec invalid, or a file it names (PONI, mask, CIF) missing.
+    FileNotFoundError
+        The scan does not exist.
+    """
+    from tasks.ingest import file_checksum
+
+    spec = pipeline if isinstance(pipeline, PipelineSpec) else load_spec(pipeline)
+    scan = Path(scan).expanduser().resolve()
+    if not scan.exists():
+        raise FileNotFoundError(f"{scan}: scan not found")
+    poni_p = _poni_path(str(poni) if poni else None, spec)
+    inputs = {scan.name: file_checksum(scan)} if scan.is_file() else {}
+    if scan.suffix.lower() in (".csv", ".tsv", ".txt"):
+        from tasks.ingest import open_scan
+
+        for f in open_scan(scan, spec.input).files:
+            inputs[os.path.relpath(f, scan.parent)] = file_checksum(f)
+    calib = {}
+    for role, p in (("poni", poni_p), ("mask", spec.resolve(spec.calibration.mask)),
+                    ("dark", spec.resolve(spec.calibration.dark)),
+                    ("flat", spec.resolve(spec.calibration.flat))):
+        if p is not None:
+            if not Path(p).is_file():
+                raise SpecError(f"calibration.{role}: file {str(p)!r} not found")
+            calib[role] = file_checksum(p)
+    if spec.mapping.enabled:
+        for ph, p in zip(spec.mapping.phases, spec.phase_paths()):
+            calib[f"phase:{ph.name}"] = file_checksum(p)
+    req = Request(scan=str(scan), spec_json=spec.canonical_json(), spec_base_dir=spec.base_dir,
+                  poni=str(poni_p) if poni_p else None, out=str(Path(out).resolve()),
+                  inputs=inputs, calibration=calib)
+    req.product_id = store.product_id(req.spec_json, inputs, calib)
+    return req
+
+
+# ----------------------------------------------------------------------------- stages
+# Plain functions (testable without Prefect); the @task wrappers below add retries and
+# names. Each reads what it needs from the work store and adds its variables to it.
+
+
+def _coords_xy(n: int, step_mm: float) -> np.ndarray:
+    return (np.arange(n) - (n - 1) / 2.0) * step_mm
+
+
+def _integrator_settings(req: Request, spec: PipelineSpec) -> dict:
+    c, i = spec.calibration, spec.integration
+    if req.poni is None:
+        raise SpecError("calibration.poni: frame input needs a PONI file (give --poni or "
+                        "calibration.poni in the spec)")
+    mask = spec.resolve(c.mask)
+    return dict(poni=req.poni, npt=i.npt, unit=i.unit, radial_range=i.radial_range,
+                mask=str(mask) if mask else None,
+                dark=str(spec.resolve(c.dark)) if c.dark else None,
+                flat=str(spec.resolve(c.flat)) if c.flat else None,
+                polarization_factor=c.polarization_factor, solid_angle=c.solid_angle)
+
+
+def stage_ingest(req: Request) -> dict:
+    """Open the scan lazily and check it against the spec and the PONI's detector."""
+    from tasks.ingest import open_scan
+
+    spec = req.spec
+    shape = None
+    if req.poni:
+        import pyFAI
+
+        ai = pyFAI.load(req.poni)
+        shape = tuple(ai.detector.shape) if ai.detector.shape is not None else None
+    scan = open_scan(req.scan, spec.input, poni_shape=shape)
+    info = {"kind": scan.kind, "source": scan.source}
+    if scan.frames is not None:
+        g = scan.grid()
+        info.update(n_frames=int(scan.frames.shape[0]), frame_shape=list(scan.frames.shape[1:]),
+                    frame_dtype=str(scan.frames.dtype),
+                    grid=[len(g.z), len(g.angle), len(g.translation)])
+    else:
+        info.update(sinogram_shape=list(scan.sinogram.shape))
+    return info
+
+
+def stage_integrate(req: Request, client=None) -> dict:
+    """Radial integration of every frame into ``patterns`` (z, angle, translation, radial),
+    or, for a raster map, into ``volume`` (z, y, x, radial). Sinogram input is copied."""
+    import xarray as xr
+
+    from tasks.ingest import open_scan
+    from tasks.integrate import integrate_scan
+
+    spec = req.spec
+    scan = open_scan(req.scan, spec.input)
+    t0 = time.perf_counter()
+    attrs = {}
+    if scan.kind == "sinogram":
+        sino = np.asarray(scan.sinogram, dtype=np.float32)[None]
+        radial = np.asarray(scan.radial if scan.radial is not None else np.arange(sino.shape[-1]), float)
+        unit = scan.radial_unit or spec.input.radial_unit
+        ds = xr.Dataset(
+            {"patterns": (("z", "angle", "translation", "radial"), sino,
+                          {"long_name": "integrated intensity (sinogram input)", "units": "counts / monitor"})},
+            coords={"z": ("z", [0.0], {"units": "mm"}),
+                    "angle": ("angle", np.asarray(scan.sino_angle, float), {"units": "deg"}),
+                    "translation": ("translation", np.asarray(scan.sino_translation, float), {"units": "mm"}),
+                    "radial": ("radial", radial, {"unit": unit, "units": unit})})
+        wavelength = scan.wavelength_m or spec.input.wavelength_m
+    else:
+        g = scan.grid()
+        radial, patterns, sigma = integrate_scan(scan, spec,
+                                                 progress=progress.callback("integrate"))
+        unit = spec.integration.unit
+        import pyFAI
+
+        wavelength = float(pyFAI.load(req.poni).wavelength)
+        idx = g.index
+        pat = patterns[idx]            # (nz, na, nt, npt)
+        sig = sigma[idx]
+        radial_c = ("radial", np.asarray(radial, float), {"unit": unit, "units": unit,
+                                                          "wavelength_m": wavelength})
+        if scan.kind == "map":
+            dims = ("z", "y", "x", "radial")
+            name = "volume"
+            coords = {"z": ("z", np.asarray(g.z, float), {"units": "mm"}),
+                      "y": ("y", np.asarray(g.angle, float), {"units": "mm"}),
+                      "x": ("x", np.asarray(g.translation, float), {"units": "mm"}),
+                      "radial": radial_c}
+            long = "integrated intensity of a raster map (no reconstruction)"
+        else:
+            dims = ("z", "angle", "translation", "radial")
+            name = "patterns"
+            coords = {"z": ("z", np.asarray(g.z, float), {"units": "mm"}),
+                      "angle": ("angle", np.asarray(g.angle, float), {"units": "deg"}),
+                      "translation": ("translation", np.asarray(g.translation, float), {"units": "mm"}),
+                      "radial": radial_c}
+            long = "integrated intensity"
+        ds = xr.Dataset({name: (dims, pat.astype(np.float32), {"long_name": long, "units": "counts / monitor"}),
+                         f"{name}_sigma": (dims, sig.astype(np.float32),
+                                           {"long_name": "standard error (Poisson)", "units": "counts / monitor"})},
+                        coords=coords)
+        attrs["integration_method"] = spec.integration.method
+    ds["radial"].attrs["wavelength_m"] = wavelength if wavelength else float("nan")
+    store.write_variables(req.work, ds, level=spec.output.compressor_level)
+    dt = time.perf_counter() - t0
+    store.update_attrs(req.work, {"timings_s": {"integrate": dt}, "scan_kind": scan.kind,
+                                  "wavelength_m": wavelength, **attrs})
+    return {"seconds": dt, "kind": scan.kind}
+
+
+def stage_sinogram(req: Request) -> dict:
+    """Per-angle scaling, air-scatter removal and centre-of-rotation correction."""
+    import xarray as xr
+
+    from tasks.sinogram import process_sinogram
+
+    spec = req.spec
+    t0 = time.perf_counter()
+    ds = store.open_product(req.work)
+    pat = ds["patterns"]
+    angles = ds["angle"].values
+    out, centers, shifts = [], [], []
+    for iz in range(pat.sizes["z"]):
+        sino, info = process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles, spec.sinogram)
+        out.append(sino)
+        centers.append(float(info.get("center_px", np.nan)))
+        shifts.append(float(info.get("shift_px", 0.0)))
+        progress.report("sinogram", iz + 1, pat.sizes["z"])
+    sino = np.stack(out)
+    nt = sino.shape[2]
+    step = float(np.median(np.diff(ds["translation"].values))) if ds.sizes["translation"] > 1 else 1.0
+    new = xr.Dataset(
+        {"sinogram": (("z", "angle", "translation_c", "radial"), sino.astype(np.float32),
+                      {"long_name": "corrected sinogram (scaled, air removed, centred)"}),
+         "center_of_rotation": (("z",), np.asarray(centers),
+                                {"units": "px", "long_name": "centre of rotation, translation-pixel "
+                                 "coordinates of the measured sinogram (0 = first column)"}),
+         "center_shift": (("z",), np.asarray(shifts), {"units": "px"})},
+        coords={"translation_c": ("translation_c", _coords_xy(nt, step), {"units": "mm"})})
+    store.write_variables(req.work, new, level=spec.output.compressor_level)
+    dt = time.perf_counter() - t0
+    store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "sinogram": dt},
+                                  "translation_step_mm": step})
+    return {"seconds": dt, "center_px": centers}
+
+
+def stage_reconstruct(req: Request) -> dict:
+    """FBP of every radial bin of every slice in one batched call per slice."""
+    import xarray as xr
+
+    from tasks.reconstruct import fbp
+
+    spec = req.spec
+    r = spec.reconstruction
+    t0 = time.perf_counter()
+    ds = store.open_product(req.work)
+    sino = ds["sinogram"]
+    angles = ds["angle"].values
+    vols = []
+    for iz in range(sino.sizes["z"]):
+        vols.append(fbp(np.asarray(sino.isel(z=iz).values, np.float32), angles, filter=r.filter,
+                        circle=r.circle, clip_negative=r.clip_negative, backend=r.backend))
+        progress.report("reconstruct", iz + 1, sino.sizes["z"])
+    vol = np.stack(vols).astype(np.float32)
+    step = float(store.provenance(req.work).get("translation_step_mm", 1.0))
+    n = vol.shape[1]
+    new = xr.Dataset({"volume": (("z", "y", "x", "radial"), vol,
+                                 {"long_name": f"reconstructed intensity ({r.method}, {r.filter} filter)",
+                                  "units": "counts / monitor / pixel"})},
+                     coords={"y": ("y", _coords_xy(n, step), {"units": "mm"}),
+                             "x": ("x", _coords_xy(vol.shape[2], step), {"units": "mm"})})
+    store.write_variables(req.work, new, level=spec.output.compressor_level)
+    dt = time.perf_counter() - t0
+    store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "reconstruct": dt}})
+    return {"seconds": dt}
+
+
+def stage_mapping(req: Request) -> dict:
+    """Per-voxel scale factors of the spec's phases, weight fractions and Rwp."""
+    import xarray as xr
+
+    from tasks.rietveld import fit_scales, load_phase, reference_patterns, weight_fractions
+
+    spec = req.spec
+    m = spec.mapping
+    t0 = time.perf_counter()
+    ds = store.open_product(req.work)
+    vol = np.asarray(ds["volume"].values, np.float64)       # (z, y, x, radial)
+    radial = ds["radial"].values
+    unit = ds["radial"].attrs.get("unit", spec.integration.unit)
+    wl = ds["radial"].attrs.get("wavelength_m") or spec.input.wavelength_m
+    if not wl or not np.isfinite(wl):
+        raise SpecError("input.wavelength_m: mapping needs the wavelength (from the PONI, or "
+                        "input.wavelength_m for sinogram input)")
+    phases = [load_phase(p.name, path) for p, path in zip(m.phases, spec.phase_paths())]
+    refs = reference_patterns(phases, radial, unit, wl, m.profile)
+    total = np.nansum(np.clip(vol, 0, None), axis=-1)
+    mask = ~(total > m.min_total_intensity * np.nanmax(total))
+    if "volume_sigma" in ds:
+        sigma = np.asarray(ds["volume_sigma"].values, np.float64)
+        sigma = np.where(sigma > 0, sigma, np.nanmax(sigma))
+    else:
+        sigma = np.ones_like(vol)
+    res = fit_scales(vol, refs, background_order=m.background_order, sigma=sigma, mask=mask)
+    wf = weight_fractions(res.scale, phases)
+    names = [p.name for p in phases]
+
+    def zp(a):  # (z, y, x, phase) -> (z, phase, y, x)
+        return np.moveaxis(np.asarray(a, np.float32), -1, 1)
+
+    data = {"scale": (("z", "phase", "y", "x"), zp(res.scale),
+                      {"long_name": "phase scale factor S_p (= mass / ZMV per voxel)"}),
+            "weight_fraction": (("z", "phase", "y", "x"), zp(wf),
+                                {"long_name": "weight fraction (Hill & Howard 1987)", "units": "1"}),
+            "rwp": (("z", "y", "x"), np.asarray(res.rwp, np.float32),
+                    {"long_name": "weighted-profile R factor", "units": "1"}),
+            "sample_mask": (("z", "y", "x"), ~mask, {"long_name": "voxels fitted"})}
+    if getattr(res, "scale_esd", None) is not None:
+        data["scale_esd"] = (("z", "phase", "y", "x"), zp(res.scale_esd), {"long_name": "esd of scale"})
+    if getattr(res, "chi2", None) is not None:
+        data["chi2"] = (("z", "y", "x"), np.asarray(res.chi2, np.float32), {"long_name": "reduced chi^2"})
+    new = xr.Dataset(data, coords={"phase": ("phase", np.asarray(names, dtype=str))})
+    store.write_variables(req.work, new, level=spec.output.compressor_level)
+    dt = time.perf_counter() - t0
+    inside = ~mask
+    summary = {"median_rwp": float(np.nanmedian(res.rwp[inside])) if inside.any() else float("nan"),
+               "mean_weight_fraction": {n: float(np.nanmean(wf[..., i][inside])) if inside.any() else float("nan")
+                                        for i, n in enumerate(names)}}
+    store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "mapping": dt},
+                                  "fit_summary": summary})
+    return {"seconds": dt, **summary}
+
+
+def stage_publish(req: Request, started: float, stage_info: dict) -> str:
+    """Write provenance and the overview PNG, then publish the work store atomically."""
+    spec = req.spec
+    store.update_attrs(req.work, {
+        "product_id": req.product_id, "pipeline_spec": json.loads(req.spec_json),
+        "pipeline_name": spec.name, "schema_version": spec.schema_version,
+        "code_version": store.code_version(), "packages": store.package_versions(),
+        "inputs": {"scan": req.scan, "checksums": req.inputs},
+        "calibration": {"poni": req.poni, "checksums": req.calibration},
+        "stages": stage_info, "created_unix": time.time(),
+        "wall_time_s": time.perf_counter() - started})
+    if spec.output.overview_png:  # inside the store, so it is published with it
+        from tasks.plots import overview_png
+
+        overview_png(req.work, req.work / "overview.png")
+    return str(store.publish(req.work, req.final))
+
+
+def _timings(work) -> dict:
+    return dict(store.provenance(work).get("timings_s", {}))
+
+
+# ----------------------------------------------------------------------------- Prefect
+
+def _prefect():
+    from prefect import flow, task
+
+    return flow, task
+
+
+def _build_flow():
+    flow, task = _prefect()
+
+    t_ingest = task(name="ingest", retries=1)(stage_ingest)
+    t_integrate = task(name="integrate", retries=1)(stage_integrate)
+    t_sinogram = task(name="sinogram")(stage_sinogram)
+    t_reconstruct = task(name="reconstruct")(stage_reconstruct)
+    t_mapping = task(name="mapping")(stage_mapping)
+    t_publish = task(name="publish")(stage_publish)
+
+    @flow(name="process_scan", log_prints=True)
+    def process_scan(scan: str, poni: str | None = None, pipeline: str = "default",
+                     out: str = "xrdct-out", dask_address: str | None = None,
+                     n_workers: int | None = None) -> str:
+        """Process one XRD-CT scan into a chemical-image product (Zarr v3).
+
+        Parameters
+        ----------
+        scan : str
+            NeXus/HDF5 frame file, scan table (CSV) of detector images, or HDF5 sinogram cube.
+        poni : str, optional
+            pyFAI PONI calibration (else the spec's ``calibration.poni``).
+        pipeline : str
+            Shipped spec name (``default``, ``battery``, ``catalyst``, ``demo``) or a YAML path.
+        out : str
+            Product directory; the product is ``<out>/<product_id>.zarr``.
+        dask_address : str, optional
+            Attach to an existing Dask scheduler instead of starting a LocalCluster.
+        """
+        return run_pipeline(scan, poni=poni, pipeline=pipeline, out=out, dask_address=dask_address,
+                            n_workers=n_workers,
+                            stages=dict(ingest=t_ingest, integrate=t_integrate, sinogram=t_sinogram,
+                                        reconstruct=t_reconstruct, mapping=t_mapping, publish=t_publish))
+
+    return process_scan
+
+
+def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_address=None,
+                 n_workers=None, stages=None) -> str:
+    """Run every stage of the pipeline on one scan; returns the published product path.
+
+    ``stages`` maps stage names to callables (Prefect tasks inside the flow; the plain
+    ``stage_*`` functions otherwise). An already-published product is returned as is.
+    """
+    stages = stages or dict(ingest=stage_ingest, integrate=stage_integrate, sinogram=stage_sinogram,
+                            reconstruct=stage_reconstruct, mapping=stage_mapping, publish=stage_publish)
+    started = time.perf_counter()
+    req = make_request(scan, pipeline, poni, out)
+    if req.final.exists():
+        return str(req.final)
+    spec = req.spec
+    if req.work.exists():  # a previous attempt died: start this product's work store afresh
+        import shutil
+
+        shutil.rmtree(req.work)
+    req.work.parent.mkdir(parents=True, exist_ok=True)
+    info = {}
+    with _dask_client(dask_address, n_workers):
+        info["ingest"] = stages["ingest"](req)
+        info["integrate"] = stages["integrate"](req)
+        kind = info["integrate"]["kind"]
+        if kind != "map" and spec.reconstruction.enabled:
+            info["sinogram"] = stages["sinogram"](req)
+            info["reconstruct"] = stages["reconstruct"](req)
+        if spec.mapping.enabled and (kind == "map" or spec.reconstruction.enabled):
+            info["mapping"] = stages["mapping"](req)
+        return stages["publish"](req, started, info)
+
+
+class _dask_client:
+    """Context manager: attach to ``address`` or start a LocalCluster (processes)."""
+
+    def __init__(self, address, n_workers):
+        self.address, self.n_workers = address, n_workers
+        self.client = self.cluster = None
+
+    def __enter__(self):
+        from distributed import Client, LocalCluster
+
+        if self.address:
+            self.client = Client(self.address)
+        else:
+            n = self.n_workers or max(1, min(os.cpu_count() or 1, 8))
+            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                        dashboard_address=None, silence_logs=40)
+            self.client = Client(self.cluster)
+        return self.client
+
+    def __exit__(self, *exc):
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        return False
+
+
+_FLOW = None
+
+
+def get_flow():
+    """The Prefect flow ``process_scan`` (built on first use, so importing this module
+    does not import Prefect)."""
+    global _FLOW
+    if _FLOW is None:
+        _FLOW = _build_flow()
+    return _FLOW
+
+
+def request_dict(req: Request) -> dict:
+    return asdict(req)

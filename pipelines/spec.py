@@ -1,0 +1,270 @@
+"""Pipeline specifications: pydantic-validated YAML with a schema version.
+
+A spec says what to do with a scan, stage by stage. It is what a product records in its
+provenance and what reprocessing replays, so every field has a default that is written out
+in full by :func:`PipelineSpec.canonical_json`.
+
+Errors
+------
+:class:`SpecError` (a ``ValueError``) names the spec file and the offending field, for
+unknown keys, wrong types, impossible values and files that do not exist.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+PIPELINES_DIR = Path(__file__).resolve().parent
+PHASES_DIR = PIPELINES_DIR / "phases"
+
+RadialUnit = Literal["q_nm^-1", "q_A^-1", "2th_deg"]
+
+
+class SpecError(ValueError):
+    """A pipeline spec that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputSpec(_Strict):
+    """Where the scan's data live inside the input file(s).
+
+    ``kind`` ``auto`` picks ``nexus`` for ``.h5/.hdf5/.nxs`` files holding frames,
+    ``sinogram`` for HDF5 files holding an integrated cube, and ``image_series`` for a
+    scan table (``.csv``/``.tsv``) listing one detector image per row.
+    Dataset paths left as ``None`` are found through NeXus attributes
+    (``NX_class``, ``signal``, ``axes``) or the conventional names.
+    """
+
+    kind: Literal["auto", "nexus", "image_series", "sinogram"] = "auto"
+    frames: str | None = None
+    angle: str | None = None
+    translation: str | None = None
+    z: str | None = None
+    monitor: str | None = None
+    sinogram: str | None = None
+    # For sinogram input: the axis order of the stored dataset and its radial axis.
+    sinogram_axes: Literal["angle,translation", "angle,translation,radial",
+                           "translation,angle", "translation,angle,radial",
+                           "radial,angle,translation"] = "angle,translation,radial"
+    radial_unit: RadialUnit = "2th_deg"
+    wavelength_m: float | None = Field(default=None, gt=0, lt=1e-8)
+    angle_range_deg: float | None = Field(
+        default=None, gt=0, le=360,
+        description="for sinogram input without an angle dataset: the scan's angular range")
+    translation_step_mm: float = Field(default=1.0, gt=0)
+
+
+class CalibrationSpec(_Strict):
+    """Detector geometry and corrections, as pyFAI applies them."""
+
+    poni: str | None = None
+    mask: str | None = None
+    dark: str | None = None
+    flat: str | None = None
+    polarization_factor: float | None = Field(default=0.99, ge=-1, le=1)
+    solid_angle: bool = True
+
+
+class IntegrationSpec(_Strict):
+    """Radial integration (pyFAI CSR matrix applied to batches of frames)."""
+
+    unit: RadialUnit = "q_nm^-1"
+    npt: int = Field(default=1000, ge=8, le=100_000)
+    radial_range: tuple[float, float] | None = None
+    method: Literal["mean", "sigma_clip", "trimmed_mean"] = "mean"
+    sigma_clip_threshold: float = Field(default=4.0, gt=0)
+    sigma_clip_max_iter: int = Field(default=5, ge=1, le=100)
+    trimmed_mean_quantiles: tuple[float, float] = (0.0, 0.9)
+    error_model: Literal["poisson", "none"] = "poisson"
+    batch_frames: int = Field(default=256, ge=1)
+
+    @field_validator("radial_range")
+    @classmethod
+    def _range_increasing(cls, v):
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"radial_range must be (min, max) with min < max, got {v}")
+        return v
+
+    @field_validator("trimmed_mean_quantiles")
+    @classmethod
+    def _quantiles(cls, v):
+        if not 0 <= v[0] < v[1] <= 1:
+            raise ValueError(f"trimmed_mean_quantiles must satisfy 0 <= lo < hi <= 1, got {v}")
+        return v
+
+
+class SinogramSpec(_Strict):
+    """Sinogram corrections before reconstruction."""
+
+    scale_per_angle: bool = True
+    air_columns: int = Field(default=2, ge=0, description="outer translation columns per side used as air")
+    center: Literal["auto"] | float | None = "auto"
+    center_method: Literal["vo", "correlation"] = "vo"
+
+
+class ReconstructionSpec(_Strict):
+    """Reconstruction of every radial bin of a slice."""
+
+    enabled: bool = True
+    method: Literal["fbp"] = "fbp"
+    backend: Literal["auto", "numpy", "astra", "tomopy"] = "numpy"
+    filter: Literal["ramp", "shepp-logan", "hann"] = "ramp"
+    clip_negative: bool = False
+    circle: bool = True
+
+
+class PhaseSpec(_Strict):
+    """A crystalline phase, defined by a CIF file (absolute, relative to the spec, or in
+    ``pipelines/phases``)."""
+
+    name: str = Field(min_length=1)
+    cif: str
+
+
+class ProfileSpec(_Strict):
+    """Pseudo-Voigt peak profile; Caglioti FWHM^2 = U tan^2(th) + V tan(th) + W in deg^2 of 2theta."""
+
+    U: float = 0.0
+    V: float = 0.0
+    W: float = Field(default=0.0025, gt=0)
+    eta: float = Field(default=0.5, ge=0, le=1)
+    zero_shift_deg: float = 0.0
+
+
+class MappingSpec(_Strict):
+    """Rietveld-style mapping: per-voxel scale factors against reference phase patterns."""
+
+    enabled: bool = True
+    phases: list[PhaseSpec] = Field(default_factory=list)
+    profile: ProfileSpec = Field(default_factory=ProfileSpec)
+    background_order: int = Field(default=4, ge=0, le=20)
+    min_total_intensity: float = Field(
+        default=0.02, ge=0, description="voxels below this fraction of the brightest are masked")
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        if self.enabled and not self.phases:
+            raise ValueError("mapping is enabled but no phases are listed")
+        return self
+
+
+class OutputSpec(_Strict):
+    compressor_level: int = Field(default=3, ge=1, le=22)
+    overview_png: bool = True
+
+
+class PipelineSpec(_Strict):
+    """A whole pipeline: what each stage does. Loaded by :func:`load_spec`."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(default="default", min_length=1)
+    description: str = ""
+    input: InputSpec = Field(default_factory=InputSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    integration: IntegrationSpec = Field(default_factory=IntegrationSpec)
+    sinogram: SinogramSpec = Field(default_factory=SinogramSpec)
+    reconstruction: ReconstructionSpec = Field(default_factory=ReconstructionSpec)
+    mapping: MappingSpec = Field(default_factory=lambda: MappingSpec(enabled=False))
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    # Directory that relative paths in the spec are resolved against (not serialised).
+    base_dir: str | None = Field(default=None, exclude=True)
+
+    def resolve(self, path: str | None) -> Path | None:
+        """Resolve a path named in the spec: absolute, relative to the spec file, or a
+        file shipped in ``pipelines/`` (``phases/...``)."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        if p.is_absolute():
+            return p
+        for root in ([Path(self.base_dir)] if self.base_dir else []) + [Path.cwd(), PIPELINES_DIR, PHASES_DIR]:
+            cand = root / p
+            if cand.exists():
+                return cand.resolve()
+        return (Path(self.base_dir) / p) if self.base_dir else p
+
+    def phase_paths(self) -> list[Path]:
+        """The CIF path of each phase, resolved; raises SpecError if one is missing."""
+        out = []
+        for i, ph in enumerate(self.mapping.phases):
+            p = self.resolve(ph.cif)
+            if p is None or not p.is_file():
+                raise SpecError(f"{self.base_dir or '<spec>'}: mapping.phases[{i}].cif: "
+                                f"CIF file {ph.cif!r} for phase {ph.name!r} not found")
+            out.append(p)
+        return out
+
+    def canonical_json(self) -> str:
+        """Deterministic JSON of every field (defaults included): the spec's identity."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid pipeline spec ({err.error_count()} problem(s))"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (not part of schema version {SCHEMA_VERSION})")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {loc}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: dict, source: str = "<spec>", base_dir: str | Path | None = None) -> PipelineSpec:
+    """Validate a spec given as a mapping; raises :class:`SpecError` naming ``source``."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a pipeline spec must be a YAML mapping, got {type(data).__name__}")
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(source, err)) from None
+    spec.base_dir = str(base_dir) if base_dir is not None else None
+    if spec.mapping.enabled:
+        try:
+            spec.phase_paths()
+        except SpecError as err:
+            raise SpecError(str(err).replace("<spec>", source)) from None
+    return spec
+
+
+def load_spec(path: str | Path | None = None) -> PipelineSpec:
+    """Load a pipeline spec from YAML (safe loader).
+
+    Parameters
+    ----------
+    path : str or Path or None
+        A YAML file, or the name of a shipped spec (``default``, ``battery``, ``catalyst``,
+        ``demo``). ``None`` gives ``default``.
+
+    Raises
+    ------
+    SpecError
+        File missing, not YAML, unknown keys, wrong types, impossible values, missing CIFs.
+    """
+    if path is None:
+        path = "default"
+    p = Path(path)
+    if not p.exists() and (PIPELINES_DIR / f"{path}.yaml").exists():
+        p = PIPELINES_DIR / f"{path}.yaml"
+    if not p.is_file():
+        shipped = sorted(x.stem for x in PIPELINES_DIR.glob("*.yaml"))
+        raise SpecError(f"{path}: pipeline spec not found (a YAML file, or one of {shipped})")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{p}: not valid YAML: {err}") from None
+    return parse_spec(data, source=str(p), base_dir=p.resolve().parent)

@@ -1,0 +1,238 @@
+"""Product stores: content-addressed, chunked Zarr v3, published by atomic rename.
+
+A product is one Zarr v3 store that ``xarray.open_zarr`` opens, with the dims and variables
+of DESIGN.md (``patterns``, ``volume``, ``scale``, ``weight_fraction``, ``rwp``, ...) and its
+provenance (pipeline spec, package versions, inputs and checksums, timings) in the root
+attrs under ``xrdct``.
+
+Life of a product::
+
+    pid  = product_id(spec, inputs, calibration)      # content address
+    work = work_path(out_dir, pid)                     # <out>/.work/<pid>.zarr
+    write_variables(work, ds) ...                      # each stage adds its variables
+    publish(work, published_path(out_dir, pid))        # atomic rename, never overwrites
+
+Readers only ever see ``<out>/<pid>.zarr`` complete: a half-written store lives under
+``.work/`` and a failed run leaves nothing under the published name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+PROVENANCE_KEY = "xrdct"
+_PACKAGES = ("xrdct", "numpy", "scipy", "pyFAI", "h5py", "hdf5plugin", "fabio", "dask",
+             "distributed", "zarr", "xarray", "pymatgen", "prefect", "astra-toolbox")
+
+
+class ProductExistsError(FileExistsError):
+    """A product with this content address is already published (never overwritten)."""
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a product's numbers (``None`` if absent)."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def code_version() -> str:
+    """The xrdct version, plus the git commit (and ``+dirty``) when run from a checkout."""
+    try:
+        ver = metadata.version("xrdct")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare tree
+        ver = "0+unknown"
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        try:
+            head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+            if head:
+                dirty = subprocess.run(
+                    ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+                     "--", "tasks", "flows", "pipelines", "catalog"],
+                    capture_output=True, text=True, timeout=10).stdout.strip()
+                ver += f"+g{head}" + (".dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return ver
+
+
+def product_id(spec_json: str, inputs: dict[str, str], calibration: dict[str, str],
+               code: str | None = None) -> str:
+    """Content address of a product.
+
+    Parameters
+    ----------
+    spec_json : str
+        Canonical JSON of the pipeline spec (:meth:`PipelineSpec.canonical_json`).
+    inputs : dict of str to str
+        Input role or file name -> sha256 checksum.
+    calibration : dict of str to str
+        Calibration file role (``poni``, ``mask``, ``dark``, ``flat``, phase CIFs) -> checksum.
+    code : str, optional
+        Code version; defaults to :func:`code_version`.
+
+    Returns
+    -------
+    str
+        24 hex digits of sha256 over all of the above: same inputs, same id.
+    """
+    payload = json.dumps({"spec": json.loads(spec_json), "inputs": inputs,
+                          "calibration": calibration, "code": code or code_version()},
+                         sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def published_path(out_dir: str | Path, pid: str) -> Path:
+    """Where the product ``pid`` is published: ``<out_dir>/<pid>.zarr``."""
+    return Path(out_dir) / f"{pid}.zarr"
+
+
+def work_path(out_dir: str | Path, pid: str) -> Path:
+    """Where the product ``pid`` is built before publishing: ``<out_dir>/.work/<pid>.zarr``."""
+    return Path(out_dir) / ".work" / f"{pid}.zarr"
+
+
+def _chunks(dims: tuple[str, ...], shape: tuple[int, ...], itemsize: int,
+            target_bytes: int = 4 << 20) -> tuple[int, ...]:
+    """Chunk shape for a variable: whole patterns along ``radial`` for per-voxel reads,
+    whole (angle, translation) planes for sinograms, one z slice per chunk, ~4 MB."""
+    chunks = list(shape)
+    if "z" in dims:
+        chunks[dims.index("z")] = 1
+    total = int(np.prod(chunks)) * itemsize
+    # Split the leading spatial dimension (angle or y) until the chunk is near the target.
+    for lead in ("angle", "y"):
+        if lead in dims and total > target_bytes:
+            i = dims.index(lead)
+            per_row = total // max(shape[i], 1)
+            chunks[i] = max(1, min(shape[i], target_bytes // max(per_row, 1)))
+            break
+    return tuple(int(c) for c in chunks)
+
+
+def write_variables(store: str | Path, ds, *, level: int = 3) -> None:
+    """Add the variables (and coordinates) of ``ds`` to the Zarr v3 store ``store``.
+
+    Creates the store on first use. Every array is blosc-zstd (bitshuffle) compressed
+    and chunked by :func:`_chunks`. Existing variables of the same name are replaced
+    (the work store is private to one run until published).
+
+    Parameters
+    ----------
+    store : path
+        A work store (not a published product).
+    ds : xarray.Dataset
+        Variables with DESIGN.md dims; attrs carry units.
+    level : int
+        zstd level.
+    """
+    import xarray as xr
+    import zarr
+
+    store = Path(store)
+    comp = [zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle")]
+    existing = set()
+    if (store / "zarr.json").exists():
+        grp = zarr.open_group(str(store), mode="r")
+        existing = set(grp.array_keys())
+    ds = ds.drop_vars([v for v in ds.variables if v in existing
+                       and v in ds.coords and v not in ds.data_vars], errors="ignore")
+    for name in list(ds.data_vars):
+        if name in existing:
+            shutil.rmtree(store / name)
+    encoding = {}
+    for name, var in ds.variables.items():
+        if var.dtype.kind in "US" or var.dtype == object:
+            continue
+        encoding[name] = {"compressors": comp,
+                          "chunks": _chunks(var.dims, var.shape, var.dtype.itemsize)}
+    mode = "a" if (store / "zarr.json").exists() else "w-"
+    xr.Dataset(ds).to_zarr(str(store), mode=mode, zarr_format=3, consolidated=False,
+                           encoding=encoding)
+
+
+def update_attrs(store: str | Path, attrs: dict) -> None:
+    """Merge JSON-serialisable ``attrs`` into the store's root attrs under ``xrdct``."""
+    import zarr
+
+    grp = zarr.open_group(str(store), mode="a")
+    prov = dict(grp.attrs.get(PROVENANCE_KEY, {}))
+    prov.update(_jsonable(attrs))
+    grp.attrs[PROVENANCE_KEY] = prov
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def publish(work: str | Path, final: str | Path) -> Path:
+    """Publish a finished work store by atomic rename.
+
+    Consolidates the metadata first, then renames ``work`` to ``final`` in one
+    ``os.rename`` (same file system). A product already at ``final`` is never replaced.
+
+    Raises
+    ------
+    ProductExistsError
+        ``final`` exists already (published by an earlier or concurrent run).
+    FileNotFoundError
+        ``work`` does not exist.
+    """
+    import zarr
+
+    work, final = Path(work), Path(final)
+    if not (work / "zarr.json").exists():
+        raise FileNotFoundError(f"{work}: no Zarr store to publish")
+    zarr.consolidate_metadata(str(work))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        raise ProductExistsError(f"{final}: product already published; not overwritten")
+    try:
+        os.rename(work, final)  # atomic; fails if final appeared meanwhile (non-empty dir)
+    except OSError as err:
+        if final.exists():
+            raise ProductExistsError(f"{final}: product already published; not overwritten") from err
+        raise
+    return final
+
+
+def open_product(path: str | Path):
+    """Open a published product as an ``xarray.Dataset`` (lazy, dask-backed)."""
+    import xarray as xr
+
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(f"{path}: not a Zarr v3 product store (no zarr.json)")
+    return xr.open_zarr(str(path), consolidated=None)
+
+
+def provenance(path: str | Path) -> dict:
+    """The provenance dict stored in a product's root attrs."""
+    import zarr
+
+    return dict(zarr.open_group(str(path), mode="r").attrs.get(PROVENANCE_KEY, {}))
