@@ -352,7 +352,36 @@ def stage_publish(req: Request, started: float, stage_info: dict) -> str:
         from tasks.plots import overview_png
 
         overview_png(req.work, req.work / "overview.png")
-    return str(store.publish(req.work, req.final))
+    final = store.publish(req.work, req.final)
+    _register(req, final, stage_info, time.perf_counter() - started)
+    return str(final)
+
+
+def _flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # noqa: BLE001 - not inside a Prefect flow
+        return None
+
+
+def _register(req: Request, final: Path, stage_info: dict, wall: float) -> None:
+    """Record the product in the catalog (SQLite beside the products by default)."""
+    import hashlib
+
+    from catalog.db import Catalog
+
+    prov = store.provenance(final)
+    scan_sum = (next(iter(req.inputs.values())) if len(req.inputs) == 1 else
+                hashlib.sha256(json.dumps(req.inputs, sort_keys=True).encode()).hexdigest())
+    Catalog.for_products(req.out).register_product(
+        product_id=req.product_id, location=str(final), scan_path=req.scan, scan_checksum=scan_sum,
+        scan_kind=stage_info.get("ingest", {}).get("kind", ""), geometry=stage_info.get("ingest", {}),
+        poni=req.poni, calibration=req.calibration, pipeline_name=prov.get("pipeline_name", ""),
+        spec=json.loads(req.spec_json), code_version=prov.get("code_version", ""),
+        inputs=req.inputs, timings=prov.get("timings_s", {}), wall_time_s=wall,
+        flow_run_id=_flow_run_id())
 
 
 def _timings(work) -> dict:
