@@ -180,6 +180,8 @@ class PipelineSpec(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     # Directory that relative paths in the spec are resolved against (not serialised).
     base_dir: str | None = Field(default=None, exclude=True)
+    # The file the spec was read from, named in error messages (not serialised).
+    source: str | None = Field(default=None, exclude=True)
 
     def resolve(self, path: str | None) -> Path | None:
         """Resolve a path named in the spec: absolute, relative to the spec file, or a
@@ -201,7 +203,7 @@ class PipelineSpec(_Strict):
         for i, ph in enumerate(self.mapping.phases):
             p = self.resolve(ph.cif)
             if p is None or not p.is_file():
-                raise SpecError(f"{self.base_dir or '<spec>'}: mapping.phases[{i}].cif: "
+                raise SpecError(f"{self.source or '<spec>'}: mapping.phases[{i}].cif: "
                                 f"CIF file {ph.cif!r} for phase {ph.name!r} not found")
             out.append(p)
         return out
@@ -233,11 +235,9 @@ def parse_spec(data: dict, source: str = "<spec>", base_dir: str | Path | None =
     except ValidationError as err:
         raise SpecError(_format_errors(source, err)) from None
     spec.base_dir = str(base_dir) if base_dir is not None else None
+    spec.source = source
     if spec.mapping.enabled:
-        try:
-            spec.phase_paths()
-        except SpecError as err:
-            raise SpecError(str(err).replace("<spec>", source)) from None
+        spec.phase_paths()
     return spec
 
 

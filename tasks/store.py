@@ -141,7 +141,6 @@ def write_variables(store: str | Path, ds, *, level: int = 3) -> None:
     level : int
         zstd level.
     """
-    import xarray as xr
     import zarr
 
     store = Path(store)
@@ -162,7 +161,7 @@ def write_variables(store: str | Path, ds, *, level: int = 3) -> None:
         encoding[name] = {"compressors": comp,
                           "chunks": _chunks(var.dims, var.shape, var.dtype.itemsize)}
     mode = "a" if (store / "zarr.json").exists() else "w-"
-    xr.Dataset(ds).to_zarr(str(store), mode=mode, zarr_format=3, consolidated=False,
+    ds.to_zarr(str(store), mode=mode, zarr_format=3, consolidated=False,
                            encoding=encoding)
 
 
@@ -193,8 +192,8 @@ def _jsonable(obj):
 def publish(work: str | Path, final: str | Path) -> Path:
     """Publish a finished work store by atomic rename.
 
-    Consolidates the metadata first, then renames ``work`` to ``final`` in one
-    ``os.rename`` (same file system). A product already at ``final`` is never replaced.
+    Renames ``work`` to ``final`` in one ``os.rename`` (same file system). Metadata is
+    not consolidated (consolidation is not part of the Zarr v3 specification). A product already at ``final`` is never replaced.
 
     Raises
     ------
@@ -203,12 +202,9 @@ def publish(work: str | Path, final: str | Path) -> Path:
     FileNotFoundError
         ``work`` does not exist.
     """
-    import zarr
-
     work, final = Path(work), Path(final)
     if not (work / "zarr.json").exists():
         raise FileNotFoundError(f"{work}: no Zarr store to publish")
-    zarr.consolidate_metadata(str(work))
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         raise ProductExistsError(f"{final}: product already published; not overwritten")
@@ -228,7 +224,7 @@ def open_product(path: str | Path):
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise FileNotFoundError(f"{path}: not a Zarr v3 product store (no zarr.json)")
-    return xr.open_zarr(str(path), consolidated=None)
+    return xr.open_zarr(str(path), consolidated=False)
 
 
 def provenance(path: str | Path) -> dict:
