@@ -87,6 +87,7 @@ References
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -868,6 +869,16 @@ def load_ground_truth(path: str | Path) -> dict:
 _NOISE_BLOCK = 16
 
 
+@contextlib.contextmanager
+def _removed_on_error(path: Path):
+    """Delete a half-written temporary file if the block raises."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _poisson_blocks(lam: np.ndarray, first_frame: int, seed: int, pool) -> np.ndarray:
     """Poisson samples of ``lam`` (frames, H, W). Each block of ``_NOISE_BLOCK`` frames has
     its own generator seeded by (seed, block number), so the result does not depend on
@@ -1011,7 +1022,7 @@ def simulate_scan(out_dir: str | Path, config: SimConfig | None = None,
         fabio.edfimage.EdfImage(data=mask.astype(np.int8)).write(str(mask_path))
     _write_poni(ai, poni)
 
-    with h5py.File(tmp, "w") as f:
+    with _removed_on_error(tmp), h5py.File(tmp, "w") as f:
         f.attrs["default"] = "entry"
         f.attrs["creator"] = "xrdct tasks.simulate"
         e = f.create_group("entry")
@@ -1195,7 +1206,7 @@ def simulate_sinogram_cube(path: str | Path, config: SimConfig | None = None, *,
     err = np.sqrt(np.maximum(cnt, 1.0)) / monitor[..., None]
 
     tmp = path.with_name("." + path.name + ".part")
-    with h5py.File(tmp, "w") as f:
+    with _removed_on_error(tmp), h5py.File(tmp, "w") as f:
         f.attrs["default"] = "entry"
         e = f.create_group("entry")
         e.attrs["NX_class"] = "NXentry"
