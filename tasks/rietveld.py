@@ -23,7 +23,9 @@ Per-cell integrated intensities come from pymatgen's ``XRDCalculator`` (``scaled
 powder ring (so multiplicity is included), atomic form factors from pymatgen's tables,
 no anomalous dispersion, no displacement parameters unless the structure carries them.
 The angular factor is pymatgen's Lorentz-polarisation factor for an unpolarised lab
-beam. For synchrotron data integrated with a polarisation correction the polarisation
+beam; its Lorentz part 1 / (sin^2 th cos th) = 2 / (sin th sin 2th) is also the one for
+the azimuthal mean of a Debye-Scherrer ring on a 2D detector (ring intensity spread over
+a circumference proportional to sin 2th). For synchrotron data integrated with a polarisation correction the polarisation
 term ``(1 + cos^2 2th) / 2`` would be 1 instead; at the high energies of XRD-CT
 (2th < 15 deg) it varies by less than 3.5 % across the pattern, and we keep pymatgen's
 intensities unchanged so that references and simulated data agree exactly (documented
@@ -37,12 +39,15 @@ Profiles
 Each reflection is a pseudo-Voigt ``eta L + (1 - eta) G`` of unit area in 2theta (deg),
 with a common Caglioti width ``FWHM^2 = U tan^2 th + V tan th + W`` (deg^2; G. Caglioti,
 A. Paoletti, F. P. Ricci, Nucl. Instrum. 3 (1958) 223) for both components, centred at
-``2th_hkl + zero_shift_deg``. The value stored in a radial bin is the *bin average* of
-the profile in the radial unit: the exact integral of the profile between the bin's
-edges (analytic pseudo-Voigt CDF, evaluated at the edges mapped to 2theta) divided by
-the bin width in the radial unit. So the area of every reflection in the radial unit is
-its pymatgen intensity (the Jacobian d(2th)/d(radial) is implicit), also for peaks
-narrower than a bin.
+``2th_hkl + zero_shift_deg``. The value stored in a radial bin is a *bin average*: the
+exact integral of the profile between the bin's edges (analytic pseudo-Voigt CDF,
+evaluated at the edges mapped to 2theta) divided by the bin's width, so peaks narrower
+than a bin keep their area. By default the width is taken in 2theta (deg): the pattern is
+intensity per degree 2theta whatever the radial unit, which is what pyFAI's
+``integrate1d`` returns in any unit (mean corrected pixel intensity per bin; checked
+against ``calcfrom1d`` + ``integrate1d`` in the tests). With ``density="radial"`` the
+width is taken in the radial unit (intensity per radial unit; area over the radial axis
+= pymatgen intensity).
 
 Fitting
 -------
@@ -341,7 +346,8 @@ def _erf(xp, x):
 
 
 def reference_patterns(phases: Sequence[Phase], radial, unit: str, wavelength_m: float,
-                       profile=None, *, chunk_elements: int = 4_000_000) -> np.ndarray:
+                       profile=None, *, density: str = "2th_deg",
+                       chunk_elements: int = 4_000_000) -> np.ndarray:
     """Per-unit-cell powder patterns of the phases on a radial grid.
 
     Parameters
@@ -357,23 +363,35 @@ def reference_patterns(phases: Sequence[Phase], radial, unit: str, wavelength_m:
         Caglioti ``U, V, W`` (deg^2 of 2theta), pseudo-Voigt ``eta`` (0 Gaussian ..
         1 Lorentzian) and ``zero_shift_deg`` (added to every calculated 2theta).
         ``None`` means ProfileSpec's defaults (W = 0.0025, eta = 0.5).
+    density : {"2th_deg", "radial"}
+        What a bin value is. ``"2th_deg"`` (default): intensity per degree of 2theta,
+        averaged over the bin, whatever ``unit`` is. This is what pyFAI's
+        ``integrate1d`` produces (the mean corrected pixel intensity of a bin is a point
+        function of the scattering angle, the same in every unit), so it is the
+        reference for integrated data and for the simulator: the area of a reflection
+        over 2theta (deg) is its pymatgen intensity. ``"radial"``: intensity per unit of
+        ``unit`` (multiplied by the Jacobian d(2th)/d(radial)), so the area over the
+        radial axis is the pymatgen intensity. The two differ only for q units, by
+        d(2th)/dq (= 1 / (6.28 cos th) deg nm at 0.1746 A).
     chunk_elements : int
         Bound on reflections x edges evaluated at once (memory).
 
     Returns
     -------
     ndarray (n_phase, n) float64
-        Bin-averaged intensity per unit cell in ``unit`` (intensity per radial unit):
-        the area of reflection hkl over the radial axis equals its pymatgen intensity.
-        All reflections up to 20 FWHM (at least 1 deg) beyond the upper edge are
-        included, with their full Lorentzian tails.
+        Bin-averaged intensity per unit cell (see ``density``). All reflections up to 20
+        FWHM (at least 1 deg) beyond the upper edge are included, with their full
+        Lorentzian tails.
 
     Raises
     ------
     ProfileError
         Non-increasing or non-finite ``radial``; unknown unit; radial beyond the
-        limiting sphere; ``eta`` outside [0, 1]; FWHM^2 <= 0 at a reflection.
+        limiting sphere; ``eta`` outside [0, 1]; FWHM^2 <= 0 at a reflection; unknown
+        ``density``.
     """
+    if density not in ("2th_deg", "radial"):
+        raise ProfileError(f"density must be '2th_deg' or 'radial', got {density!r}")
     r = np.asarray(radial, dtype=np.float64)
     if r.ndim != 1 or r.size < 2:
         raise ProfileError(f"radial must be a 1-D array of >= 2 bin centres, got shape {r.shape}")
@@ -390,7 +408,8 @@ def reference_patterns(phases: Sequence[Phase], radial, unit: str, wavelength_m:
     if unit != "2th_deg":
         edges_r = np.maximum(edges_r, 0.0)
     edges_t = radial_to_two_theta(edges_r, unit, lam)          # (n+1,) deg
-    width_r = np.diff(edges_r)                                   # (n,) radial unit
+    # bin width the profile integral is divided by: in 2theta (deg) or in the radial unit
+    width = np.diff(edges_t) if density == "2th_deg" else np.diff(edges_r)
 
     def fwhm2(tth):
         th = np.radians(np.asarray(tth) / 2)
@@ -422,7 +441,7 @@ def reference_patterns(phases: Sequence[Phase], radial, unit: str, wavelength_m:
             d = (edges_t[None, :] - pos[s:s + step, None]) / h[s:s + step, None]   # (k, n+1)
             cdf = (1 - eta) * 0.5 * _erf(np, d * g_scale) + eta * np.arctan(2 * d) / math.pi
             acc += inten[s:s + step] @ np.diff(cdf, axis=1)
-        out[ip] = acc / width_r
+        out[ip] = acc / width
     return out
 
 
@@ -642,8 +661,11 @@ def fit_scales(patterns, refs, background_order: int = 4, sigma=None, mask=None,
         Highest Chebyshev order (>= 0); -1 for no background.
     sigma : None or array_like (n,) or (..., n)
         Standard errors. ``None``: unit weights (w = 1) for the fit, Rwp and chi2. This is
-        the default because reconstructed (FBP) voxel patterns are not Poisson counts;
-        for counted patterns pass ``sigma = sqrt(max(y, 1))``. ``inf`` marks a bin as
+        the default because reconstructed (FBP) voxel patterns are not Poisson counts.
+        For counted patterns fit twice: unit weights, then
+        ``sigma = sqrt(max(model, 1))`` from the first fit; weights from the observed
+        counts, ``sqrt(max(y, 1))``, bias the scales low where counts are low (a few
+        percent at < 10 counts per bin; K. J. Mighell, ApJ 518 (1999) 380). ``inf`` marks a bin as
         unused (w = 0); zero, negative or NaN sigma is an error. A shared (n,) sigma
         keeps one factorisation for all voxels; per-voxel sigma uses batched solves.
     mask : None or array_like (...) bool

@@ -174,28 +174,61 @@ def test_reference_pattern_peak_positions_2th(phases):
 def test_reference_pattern_area_and_jacobian_in_q(phases):
     al = phases["Al"]
     W, eta = 1e-4, 0.3
+    prof = ProfileSpec(W=W, eta=eta)
     tth, inten = reflections(al, LAM_0, 12.0)
     t0, i0 = tth[0], inten[0]                                     # Al (111)
     h = math.sqrt(W)                                               # FWHM (deg) at U = V = 0
     q_lo, q_hi = two_theta_to_radial([t0 - 40 * h, t0 + 40 * h], "q_nm^-1", LAM_0)
     q = np.linspace(q_lo, q_hi, 8001)
-    ref = reference_patterns([al], q, "q_nm^-1", LAM_0, ProfileSpec(W=W, eta=eta))[0]
     dq = q[1] - q[0]
-    area = ref.sum() * dq
-    assert area == pytest.approx(i0, rel=0.01)
-    # Point values = intensity * pseudo-Voigt(2th(q)) * d(2th)/dq, written out independently
     t = radial_to_two_theta(q, "q_nm^-1", LAM_0)
     lam_nm = LAM_0 * 1e9
     dtdq = np.degrees(2 / np.sqrt(1 - (q * lam_nm / (4 * np.pi)) ** 2) * lam_nm / (4 * np.pi))
+    # density="radial": the area over q is the pymatgen intensity
+    ref_r = reference_patterns([al], q, "q_nm^-1", LAM_0, prof, density="radial")[0]
+    assert ref_r.sum() * dq == pytest.approx(i0, rel=0.01)
+    # default (per degree 2theta, as pyFAI integrates): the area over 2theta(q) is
+    ref = reference_patterns([al], q, "q_nm^-1", LAM_0, prof)[0]
+    assert np.sum(ref * dtdq) * dq == pytest.approx(i0, rel=0.01)
+    # point values = intensity * pseudo-Voigt(2th(q)) (* d(2th)/dq), written out independently
     u = t - t0
     g = math.sqrt(4 * math.log(2) / math.pi) / h * np.exp(-4 * math.log(2) * u**2 / h**2)
     lor = (2 / (math.pi * h)) / (1 + 4 * u**2 / h**2)
-    want = i0 * (eta * lor + (1 - eta) * g) * dtdq
+    want = i0 * (eta * lor + (1 - eta) * g)
     core = np.abs(u) < 2 * h
     np.testing.assert_allclose(ref[core], want[core], rtol=2e-3)
-    # the same pattern in q_A^-1 is the q_nm^-1 one per A^-1 (x10 per unit)
-    ref_A = reference_patterns([al], q / 10, "q_A^-1", LAM_0, ProfileSpec(W=W, eta=eta))[0]
-    np.testing.assert_allclose(ref_A, ref * 10, rtol=1e-9)
+    np.testing.assert_allclose(ref_r[core], (want * dtdq)[core], rtol=2e-3)
+    # per radial unit: q_A^-1 values are 10x the q_nm^-1 ones; per degree: identical
+    ref_A = reference_patterns([al], q / 10, "q_A^-1", LAM_0, prof, density="radial")[0]
+    np.testing.assert_allclose(ref_A, ref_r * 10, rtol=1e-9)
+    ref_A = reference_patterns([al], q / 10, "q_A^-1", LAM_0, prof)[0]
+    np.testing.assert_allclose(ref_A, ref, rtol=1e-9)
+
+
+def test_reference_pattern_matches_pyfai_integration(phases):
+    """A 2D image made from the 2theta reference (pyFAI calcfrom1d) and integrated in
+    q_nm^-1 (pyFAI integrate1d) gives the q_nm^-1 reference (default density)."""
+    from pyFAI.detectors import Detector
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    det = Detector(pixel1=172e-6, pixel2=172e-6, max_shape=(600, 600))
+    ai = AzimuthalIntegrator(dist=0.35, poni1=300 * 172e-6, poni2=300 * 172e-6,
+                             detector=det, wavelength=LAM_0)
+    ceo2 = phases["CeO2"]
+    prof = ProfileSpec(W=0.01, eta=0.5)
+    tth = np.linspace(0.0, 12.0, 6000)
+    ref_t = reference_patterns([ceo2], tth, "2th_deg", LAM_0, prof)[0]
+    img = ai.calcfrom1d(tth, ref_t, dim1_unit="2th_deg", correctSolidAngle=True,
+                        polarization_factor=None)
+    res = ai.integrate1d(img, 400, unit="q_nm^-1", radial_range=(15.0, 38.0),
+                         correctSolidAngle=True, polarization_factor=None,
+                         method=("full", "csr", "cython"))
+    ref_q = reference_patterns([ceo2], res.radial, "q_nm^-1", LAM_0, prof)[0]
+    peak = ref_q > 0.2 * ref_q.max()
+    ratio = res.intensity[peak] / ref_q[peak]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.01), np.median(ratio)
+    assert np.abs(np.trapezoid(res.intensity, res.radial) / np.trapezoid(ref_q, res.radial)
+                  - 1) < 0.01
 
 
 def test_reference_pattern_errors(phases):
@@ -209,6 +242,9 @@ def test_reference_pattern_errors(phases):
         reference_patterns(al, np.linspace(10, 800, 50), "q_nm^-1", LAM_0, ProfileSpec())
     with pytest.raises(ProfileError, match="unit"):
         reference_patterns(al, np.linspace(1, 10, 50), "d_A", LAM_0, ProfileSpec())
+    with pytest.raises(ProfileError, match="density"):
+        reference_patterns(al, np.linspace(1, 10, 50), "2th_deg", LAM_0, ProfileSpec(),
+                           density="per_bin")
 
 
 # ------------------------------------------------------------------------------------
@@ -347,22 +383,26 @@ def test_synthetic_mixture_poisson_noise_and_esd(phases):
     counts = 2000.0 / Y.max()                                     # ~2000 counts at the top
     lam = Y * counts
     Yn = rng.poisson(lam).astype(np.float64)
-    res = fit_scales(Yn, refs, 4, sigma=np.sqrt(np.maximum(Yn, 1)), radial=q)
-    wf = weight_fractions(res.scale, ph)
+    # two passes: unit weights, then Poisson weights from the first model (weights from
+    # the observed counts bias the scales low where counts are low; see fit_scales)
+    res0 = fit_scales(Yn, refs, 4, radial=q)
+    res = fit_scales(Yn, refs, 4, sigma=np.sqrt(np.maximum(res0.model, 1)), radial=q)
     true_wf = mass / mass.sum(axis=1, keepdims=True)
-    err = np.abs(wf - true_wf)
-    assert err.max() < 0.02, err.max()
-    assert np.median(res.chi2) == pytest.approx(1.0, abs=0.15)
-    # honest error bars: one mixture, 300 noise realisations
+    for r in (res0, res):                                         # measured max 0.016, 0.014
+        err = np.abs(weight_fractions(r.scale, ph) - true_wf)
+        assert err.max() < 0.02, err.max()
+    assert np.median(res.chi2) == pytest.approx(1.0, abs=0.1)
+    # honest error bars: one mixture, 400 noise realisations, weights from the expected
+    # counts (shared sigma): the spread of the fitted scales matches the esd
     m1 = np.array([0.4, 0.3, 0.2, 0.1])
     lam1 = ((m1 / zmv) @ refs + 15.0) * counts
-    Y1 = rng.poisson(np.broadcast_to(lam1, (300, q.size))).astype(np.float64)
-    r1 = fit_scales(Y1, refs, 4, sigma=np.sqrt(np.maximum(Y1, 1)), radial=q)
+    Y1 = rng.poisson(np.broadcast_to(lam1, (400, q.size))).astype(np.float64)
+    r1 = fit_scales(Y1, refs, 4, sigma=np.sqrt(lam1), radial=q)
     spread = r1.scale.std(axis=0)
     esd = r1.scale_esd.mean(axis=0)
-    np.testing.assert_allclose(spread / esd, 1.0, atol=0.2)
-    np.testing.assert_allclose(r1.scale.mean(axis=0), m1 / zmv * counts,
-                               rtol=0.01)
+    np.testing.assert_allclose(spread / esd, 1.0, atol=0.12)
+    np.testing.assert_allclose(r1.scale.mean(axis=0), m1 / zmv * counts, rtol=0.01)
+    assert np.mean(r1.chi2) == pytest.approx(1.0, abs=0.02)
 
 
 def test_weight_fractions(phases):
