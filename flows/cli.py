@@ -8,7 +8,6 @@ summary table (product path, stage timings, fit quality).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -101,12 +100,12 @@ def cmd_process(args) -> int:
 
 
 def _sim_config(args):
-    from tasks.simulate import SimConfig, preset
+    from tasks.simulate import preset
 
     cfg = preset(args.preset)
     over = {k: v for k, v in (("n_translations", args.translations), ("n_angles", args.angles),
                               ("seed", args.seed)) if v is not None}
-    return SimConfig(**{**cfg.__dict__, **over}) if over else cfg
+    return cfg.model_copy(update=over) if over else cfg
 
 
 def cmd_simulate(args) -> int:

@@ -1245,3 +1245,27 @@ def simulate_sinogram_cube(path: str | Path, config: SimConfig | None = None, *,
         radial_unit=unit, patterns_per_mass=ppm, air=air, sinogram_clean=K * clean,
         center_of_rotation_px=config.center_of_rotation_px,
         cor_offset_px=config.cor_offset_px, wavelength_m=config.wavelength_m)
+
+
+# ----------------------------------------------------------------------------- presets
+PRESETS: dict[str, dict] = {
+    # The built-in demo scan of `xrdct demo`: a catalyst-bed slice, 3456 frames.
+    "demo": {},
+    # A quick scan for tests: 24 translations x 36 angles (864 frames).
+    "small": {"n_translations": 24, "n_angles": 36},
+    "catalyst": {},
+    "battery": {"phases": BATTERY_PHASES},
+}
+
+
+def preset(name: str) -> SimConfig:
+    """A named simulator configuration (``demo``, ``small``, ``catalyst``, ``battery``).
+
+    Raises
+    ------
+    SimulationError
+        Unknown preset name.
+    """
+    if name not in PRESETS:
+        raise SimulationError(f"preset: unknown simulator preset {name!r}; expected one of {sorted(PRESETS)}")
+    return SimConfig(**PRESETS[name])
