@@ -1,0 +1,875 @@
+"""Radial integration of detector frames in batches: one sparse-matrix product per batch.
+
+pyFAI owns the geometry: the PONI file, the detector (its mask and dummy value), solid angle,
+polarisation and the CSR matrix (``AzimuthalIntegrator.setup_sparse_integrator``, the same
+matrix that ``integrate1d_ng(method=("bbox", "csr", "cython"))`` uses). What is ours is the
+batching: pyFAI integrates one frame at a time and reads the whole matrix for every frame;
+here a batch of ``n`` frames is one product ``A @ X`` with ``X`` of shape ``(pixels, n)``,
+evaluated over blocks of pixels so that the transposed block of frames stays in cache.
+
+The arithmetic is pyFAI's (Kieffer & Ashiotis, "PyFAI: a Python library for high performance
+azimuthal integration on GPU", 2014; Kieffer et al., J. Appl. Cryst. 53 (2020) for the
+``_ng`` error propagation):
+
+.. math::
+
+    I_b = \\frac{\\sum_p c_{bp} (x_p - d_p)}{m \\sum_p c_{bp} \\omega_p},\\qquad
+    \\sigma_b = \\frac{\\sqrt{\\sum_p c_{bp}^2 v_p}}{m \\sum_p c_{bp} \\omega_p}
+
+with ``c`` the CSR coefficients, ``x`` raw counts, ``d`` dark, ``omega = flat * polarisation *
+solid angle``, ``m`` the monitor and the Poisson variance ``v = max(x, 1)`` of the raw counts
+(what pyFAI 2026.9's cython preprocessing uses; the dark is taken as noiseless). Masked pixels
+have no coefficients; pixels at the detector's dummy value (e.g. -2 on a Pilatus) and
+non-finite pixels are masked frame by frame, as pyFAI does.
+
+Sigma clipping and trimmed means need pixels that belong to one bin: they use pyFAI's
+no-split CSR matrix (as ``sigma_clip_ng`` and ``medfilt1d_ng`` do).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from tasks._xp import get_xp
+
+__all__ = ["IntegrationError", "RadialIntegrator", "integrate_scan", "integrator_from_spec"]
+
+UNITS = ("q_nm^-1", "q_A^-1", "2th_deg")
+
+
+class IntegrationError(ValueError):
+    """Integration input that cannot be used; the message names the file or argument."""
+
+
+def _load_image(value, name: str, shape: tuple[int, int] | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        import fabio  # noqa: PLC0415
+
+        p = Path(value)
+        if not p.is_file():
+            raise IntegrationError(f"{p}: {name} file does not exist")
+        try:
+            with fabio.open(str(p)) as img:
+                arr = np.asarray(img.data)
+        except Exception as err:
+            raise IntegrationError(f"{p}: cannot read {name} image: {err}") from None
+        src = str(p)
+    else:
+        arr = np.asarray(value)
+        src = f"{name} array"
+    if arr.ndim != 2:
+        raise IntegrationError(f"{src}: {name} has shape {arr.shape}; expected a 2-D image")
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        raise IntegrationError(f"{src}: {name} has shape {arr.shape}; expected the detector "
+                               f"shape {tuple(shape)}")
+    return arr
+
+
+class _Csr:
+    """One pyFAI CSR matrix, cut into pixel blocks for cache-friendly batched products."""
+
+    def __init__(self, integ, n_pix: int, omega: np.ndarray, block_pixels: int, unit_scale: float):
+        data, indices, indptr = integ.lut
+        self.nbins = len(indptr) - 1
+        self.radial = np.asarray(integ.bin_centers, dtype=np.float64) * unit_scale
+        self.pos0_range = (float(integ.pos0_min), float(integ.pos0_max))
+        A = sp.csr_matrix((np.asarray(data, np.float32), np.asarray(indices), np.asarray(indptr)),
+                          shape=(self.nbins, n_pix))
+        self.A = A
+        self.norm = A @ omega.astype(np.float64)  # sum c * omega, per bin
+        self.no_split = bool(np.all(np.diff(indptr) >= 0) and np.all(np.asarray(data) == 1)
+                             and len(np.unique(indices)) == len(indices))
+        Ac = A.tocsc()
+        self.blocks = []
+        for p0 in range(0, n_pix, block_pixels):
+            p1 = min(p0 + block_pixels, n_pix)
+            Ab = Ac[:, p0:p1].tocsr()
+            rows = np.flatnonzero(np.diff(Ab.indptr))
+            if rows.size == 0:
+                continue
+            r0, r1 = int(rows[0]), int(rows[-1]) + 1
+            Ab = Ab[r0:r1]
+            Ab.sort_indices()
+            A2b = Ab.multiply(Ab).tocsr() if not self.no_split else Ab
+            # block pixels without coefficients (masked / out of range): zeroed before the
+            # dummy test so that statically masked dead pixels cost nothing
+            unused = np.flatnonzero(np.diff(Ac.indptr[p0:p1 + 1]) == 0)
+            self.blocks.append((p0, p1, r0, r1, Ab, A2b, unused))
+        # no-split layout: pixels sorted by bin, for the clipping filters
+        if self.no_split:
+            self.pix = np.asarray(indices, dtype=np.int64)
+            counts = np.diff(indptr)
+            self.counts = counts
+            self.nonempty = np.flatnonzero(counts > 0)
+            self.starts = np.asarray(indptr[:-1])[self.nonempty]
+        self._gpu = None
+
+    def gpu(self):
+        """The matrix on the GPU (cupyx.scipy.sparse), built once."""
+        if self._gpu is None:
+            import cupy  # noqa: PLC0415
+            import cupyx.scipy.sparse as csp  # noqa: PLC0415
+
+            A = csp.csr_matrix(self.A)
+            A2 = csp.csr_matrix(self.A.multiply(self.A).tocsr())
+            self._gpu = (A, A2, cupy.asarray(self.norm))
+        return self._gpu
+
+
+class RadialIntegrator:
+    """Batched 1-D radial integration with pyFAI geometry and corrections.
+
+    Parameters
+    ----------
+    poni : str or Path
+        pyFAI PONI file (geometry, wavelength, detector).
+    npt : int
+        Number of radial bins.
+    unit : {"q_nm^-1", "q_A^-1", "2th_deg"}
+        Radial unit (pyFAI unit names).
+    radial_range : (float, float), optional
+        Radial range in ``unit``; default: the detector's full range (as pyFAI).
+    mask : str, Path or array of bool (H, W), optional
+        True (non-zero) = masked. Combined (OR) with the detector's own mask.
+    dark, flat : str, Path or array (H, W), optional
+        Dark current (subtracted) and flat field (divided). Pixels with a zero or non-finite
+        flat, or a non-finite dark, are masked.
+    polarization_factor : float or None
+        pyFAI polarisation factor (-1..1); None for no correction.
+    solid_angle : bool
+        Correct for the solid angle of each pixel (pyFAI ``correctSolidAngle``).
+    shape : (int, int), optional
+        Detector shape (H, W); needed when the PONI names no detector.
+    split : {"bbox", "no", "full"}
+        Pixel splitting of the mean integration (pyFAI's default is "bbox").
+    error_model : {"poisson", "none"}
+        Variance model of :meth:`integrate`; ``"none"`` returns ``sigma=None``. For
+        :meth:`integrate_sigma_clip`, ``"none"`` uses the spread within each ring
+        (pyFAI's ``azimuthal`` model).
+    block_pixels, sub_batch : int
+        Cache blocking of the CPU product: frames are multiplied ``sub_batch`` at a time over
+        blocks of ``block_pixels`` pixels (16 x 16384 float32 = 1 MiB stays in L2).
+    threads : int, optional
+        Worker threads of the clipping filters (default: all cores).
+
+    Attributes
+    ----------
+    radial : numpy.ndarray, shape (npt,), float64
+        Bin centres in ``unit`` (of the ``split`` matrix).
+    unit : str
+    wavelength_m : float
+    shape : (int, int)
+    mask : numpy.ndarray of bool, shape (H, W)
+        The combined static mask.
+    ai : pyFAI AzimuthalIntegrator
+
+    Raises
+    ------
+    IntegrationError
+        Missing or unreadable PONI/mask/dark/flat, shape mismatches, unknown unit, no shape.
+    """
+
+    def __init__(self, poni, *, npt: int, unit: str = "q_nm^-1", radial_range=None, mask=None,
+                 dark=None, flat=None, polarization_factor: float | None = 0.99,
+                 solid_angle: bool = True, shape=None, split: str = "bbox",
+                 error_model: str = "poisson", block_pixels: int = 16384, sub_batch: int = 16,
+                 threads: int | None = None):
+        import pyFAI  # noqa: PLC0415
+        import pyFAI.units  # noqa: PLC0415
+
+        p = Path(poni)
+        if not p.is_file():
+            raise IntegrationError(f"{p}: PONI file does not exist")
+        try:
+            self.ai = pyFAI.load(str(p))
+        except Exception as err:
+            raise IntegrationError(f"{p}: cannot read PONI calibration: {err}") from None
+        self.poni = str(p)
+        if unit not in UNITS:
+            raise IntegrationError(f"unit {unit!r}: expected one of {UNITS}")
+        if int(npt) < 2:
+            raise IntegrationError(f"npt={npt}: expected at least 2 bins")
+        if split not in ("bbox", "no", "full"):
+            raise IntegrationError(f"split {split!r}: expected 'bbox', 'no' or 'full'")
+        if error_model not in ("poisson", "none"):
+            raise IntegrationError(f"error_model {error_model!r}: expected 'poisson' or 'none'")
+        if self.ai.wavelength is None and unit != "2th_deg":
+            raise IntegrationError(f"{p}: PONI has no wavelength; needed for unit {unit}")
+        self.unit = unit
+        self._unit = pyFAI.units.to_unit(unit)
+        self.npt = int(npt)
+        self.split = split
+        self.error_model = error_model
+        self.polarization_factor = polarization_factor
+        self.solid_angle = bool(solid_angle)
+        self.block_pixels = int(block_pixels)
+        self.sub_batch = max(1, int(sub_batch))
+        self.threads = max(1, os.cpu_count() or 1) if threads is None else max(1, int(threads))
+        self.wavelength_m = float(self.ai.wavelength) if self.ai.wavelength else None
+        det_shape = getattr(self.ai.detector, "shape", None) or getattr(self.ai.detector, "max_shape", None)
+        det_shape = tuple(int(s) for s in det_shape) if det_shape is not None else None
+        if shape is not None:
+            shape = tuple(int(s) for s in shape)
+            if det_shape is not None and shape != det_shape:
+                raise IntegrationError(f"{p}: detector {self.ai.detector.name} has shape {det_shape}; "
+                                       f"frames have shape {shape}")
+        else:
+            shape = det_shape
+        if shape is None:
+            raise IntegrationError(f"{p}: the PONI names no detector shape; pass shape=(H, W)")
+        self.shape = shape
+        if radial_range is not None:
+            radial_range = (float(radial_range[0]), float(radial_range[1]))
+            if not radial_range[0] < radial_range[1]:
+                raise IntegrationError(f"radial_range {radial_range}: expected (min, max), min < max")
+        self.radial_range = radial_range
+
+        user_mask = _load_image(mask, "mask", shape)
+        m = np.zeros(shape, dtype=bool) if user_mask is None else (user_mask != 0)
+        det_mask = self.ai.detector.mask
+        if det_mask is not None:
+            if det_mask.shape != shape:
+                raise IntegrationError(f"{p}: detector mask shape {det_mask.shape} differs from {shape}")
+            m |= det_mask != 0
+        self.dark = _load_image(dark, "dark", shape)
+        self.flat = _load_image(flat, "flat", shape)
+        if self.dark is not None:
+            self.dark = self.dark.astype(np.float32)
+            m |= ~np.isfinite(self.dark)
+        if self.flat is not None:
+            self.flat = self.flat.astype(np.float32)
+            m |= ~np.isfinite(self.flat) | (self.flat == 0)
+        # omega = flat * polarisation * solid angle, in float32 in pyFAI's preproc order
+        omega = np.ones(shape, dtype=np.float32)
+        if self.flat is not None:
+            omega *= self.flat
+        if polarization_factor is not None:
+            omega *= self.ai.polarization(shape, polarization_factor).astype(np.float32)
+        if self.solid_angle:
+            omega *= self.ai.solidAngleArray(shape, True).astype(np.float32)
+        m |= ~np.isfinite(omega) | (omega == 0)
+        self.mask = m
+        self.omega = omega.ravel()
+        self._dark_flat = None if self.dark is None else self.dark.ravel()
+        self._csr_cache: dict[str, _Csr] = {}
+        self._lock = threading.RLock()
+        self.radial = self._csr(split).radial
+
+    # ---------------------------------------------------------------- matrices
+    def _csr(self, split: str) -> _Csr:
+        with self._lock:
+            if split not in self._csr_cache:
+                if split == self.split or self.radial_range is not None:
+                    rr = None if self.radial_range is None else tuple(
+                        v / self._unit.scale for v in self.radial_range)
+                else:  # share the radial grid of the main matrix
+                    rr = self._csr(self.split).pos0_range
+                integ = self.ai.setup_sparse_integrator(
+                    self.shape, self.npt, mask=self.mask, pos0_range=rr, unit=self._unit,
+                    split=split, algo="CSR", empty=0.0, scale=False)
+                self._csr_cache[split] = _Csr(integ, int(np.prod(self.shape)), self.omega,
+                                              self.block_pixels, self._unit.scale)
+                self._csr_cache[split].range_used = rr
+            return self._csr_cache[split]
+
+    def _aux_range(self):
+        """The radial_range to give pyFAI so that it builds the same no-split matrix as the
+        clipping filters use (None when that matrix was built without a range)."""
+        rr = self._csr("no").range_used
+        return None if rr is None else (rr[0] * self._unit.scale, rr[1] * self._unit.scale)
+
+    def dummies(self, dtype) -> tuple[float | None, float | None]:
+        """The detector's dummy value and tolerance for frames of ``dtype`` (pyFAI
+        ``detector.get_dummies``); (None, None) when the detector has none."""
+        return self.ai.detector.get_dummies(np.dtype(dtype))
+
+    # ---------------------------------------------------------------- inputs
+    def _frames(self, frames):
+        xp = get_xp(frames)
+        f = frames if xp is not np else np.asarray(frames)
+        if f.ndim == 2:
+            f = f[None]
+        if f.ndim != 3 or tuple(f.shape[1:]) != self.shape:
+            raise IntegrationError(f"frames have shape {tuple(frames.shape)}; expected (n, "
+                                   f"{self.shape[0]}, {self.shape[1]}) for {self.poni}")
+        dt = np.dtype(f.dtype)
+        if not np.issubdtype(dt, np.number) or dt == np.bool_ or np.issubdtype(dt, np.complexfloating):
+            raise IntegrationError(f"frames have dtype {dt}; expected real numbers")
+        return xp, f
+
+    @staticmethod
+    def _monitor(monitor, n, xp=np):
+        if monitor is None:
+            return None
+        m = xp.asarray(monitor, dtype=xp.float64).reshape(-1)
+        if m.size == 1 and n != 1:
+            m = xp.full(n, float(m[0]))
+        if m.size != n:
+            raise IntegrationError(f"monitor has {m.size} values; expected one per frame ({n})")
+        if bool(xp.any(~(m > 0))):
+            raise IntegrationError("monitor values must be finite and > 0")
+        return m
+
+    @staticmethod
+    def _invalid_possible(xb, dummy, delta, is_float) -> bool:
+        """Whether any pixel of a block could be dummy or non-finite (min/max test)."""
+        if not is_float and dummy is None:
+            return False
+        lo, hi = float(xb.min()), float(xb.max())
+        if is_float and not (math.isfinite(lo) and math.isfinite(hi)):
+            return True
+        if dummy is None:
+            return False
+        d = float(delta or 0.0)
+        return lo <= float(dummy) + d and hi >= float(dummy) - d
+
+    def _invalid(self, xb, dummy, delta, is_float):
+        inv = np.zeros(xb.shape, dtype=bool)
+        if is_float:
+            inv |= ~np.isfinite(xb)
+        if dummy is not None:
+            d = float(delta or 0.0)
+            if d == 0:
+                inv |= xb == np.float32(dummy)
+            else:
+                inv |= np.abs(xb - np.float32(dummy)) <= d
+        return inv
+
+    # ---------------------------------------------------------------- mean
+    def integrate(self, frames, monitor=None):
+        """Integrate a batch of frames (one batched sparse product).
+
+        Parameters
+        ----------
+        frames : array, shape (n, H, W) or (H, W), any int or float dtype (numpy or cupy)
+            Raw detector counts.
+        monitor : array, shape (n,), optional
+            Per-frame monitor; intensities and sigmas are divided by it.
+
+        Returns
+        -------
+        intensity : numpy.ndarray (cupy for cupy input), shape (n, npt), float32
+            Mean corrected intensity per bin (0 for empty bins), as pyFAI ``integrate1d_ng``.
+        sigma : same shape and type, or None
+            Standard error of the mean from Poisson statistics (pyFAI ``error_model="poisson"``);
+            None when ``error_model="none"``.
+
+        Raises
+        ------
+        IntegrationError
+            Wrong frame shape or dtype, monitor length or values.
+        """
+        xp, f = self._frames(frames)
+        n = f.shape[0]
+        mon = self._monitor(monitor, n, xp)
+        csr = self._csr(self.split)
+        if xp is not np:
+            return self._integrate_gpu(xp, f, mon, csr)
+        do_var = self.error_model == "poisson"
+        intensity = np.empty((n, csr.nbins), np.float32)
+        sigma = np.empty((n, csr.nbins), np.float32) if do_var else None
+        for s in range(0, n, self.sub_batch):
+            e = min(n, s + self.sub_batch)
+            i, sg = self._integrate_cpu(f[s:e], None if mon is None else mon[s:e], csr, do_var)
+            intensity[s:e] = i
+            if do_var:
+                sigma[s:e] = sg
+        return intensity, sigma
+
+    def _integrate_cpu(self, f, mon, csr, do_var):
+        n = f.shape[0]
+        f2 = f.reshape(n, -1)
+        dummy, delta = self.dummies(f.dtype)
+        is_float = np.issubdtype(f.dtype, np.floating)
+        S = np.zeros((csr.nbins, n), dtype=np.float32)
+        V = np.zeros((csr.nbins, n), dtype=np.float32) if do_var else None
+        norm = None  # per-frame normalisation, only when pixels are masked dynamically
+        dark = self._dark_flat
+        for p0, p1, r0, r1, Ab, A2b, unused in csr.blocks:
+            xb = np.ascontiguousarray(f2[:, p0:p1].T, dtype=np.float32)
+            if unused.size:
+                xb[unused] = 0.0
+            inv = None
+            if self._invalid_possible(xb, dummy, delta, is_float):
+                inv = self._invalid(xb, dummy, delta, is_float)
+                if not inv.any():
+                    inv = None
+            if do_var:  # Poisson variance of the raw counts (pyFAI: max(raw, 1))
+                vb = np.maximum(xb, np.float32(1.0))
+            if dark is not None:
+                xb -= dark[p0:p1, None]
+            if inv is not None:
+                xb[inv] = 0.0
+                if do_var:
+                    vb[inv] = 0.0
+                if norm is None:
+                    norm = np.repeat(csr.norm[:, None], n, axis=1)
+                norm[r0:r1] -= Ab @ (inv * self.omega[p0:p1, None]).astype(np.float64)
+            S[r0:r1] += Ab @ xb
+            if do_var:
+                V[r0:r1] += A2b @ vb
+        if norm is None:
+            norm = csr.norm[:, None]
+        denom = norm * (mon[None, :] if mon is not None else 1.0)
+        good = denom > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            intensity = np.where(good, S / denom, 0.0).T.astype(np.float32)
+            sigma = np.where(good, np.sqrt(V) / denom, 0.0).T.astype(np.float32) if do_var else None
+        return intensity, sigma
+
+    def _integrate_gpu(self, cp, f, mon, csr):
+        """cupy path: the whole batch as one cuSPARSE product (same arithmetic)."""
+        A, A2, norm = csr.gpu()
+        n = f.shape[0]
+        x = cp.ascontiguousarray(f.reshape(n, -1).T, dtype=cp.float32)
+        dummy, delta = self.dummies(f.dtype)
+        inv = None
+        if np.issubdtype(f.dtype, np.floating) or dummy is not None:
+            inv = cp.zeros(x.shape, dtype=bool)
+            if np.issubdtype(f.dtype, np.floating):
+                inv |= ~cp.isfinite(x)
+            if dummy is not None:
+                inv |= cp.abs(x - cp.float32(dummy)) <= cp.float32(delta or 0.0)
+        do_var = self.error_model == "poisson"
+        if do_var:
+            v = cp.maximum(x, cp.float32(1.0))
+        if self._dark_flat is not None:
+            x -= cp.asarray(self._dark_flat)[:, None]
+        normb = norm[:, None]
+        if inv is not None and bool(inv.any()):
+            x[inv] = 0
+            if do_var:
+                v[inv] = 0
+            normb = normb - A @ (inv * cp.asarray(self.omega)[:, None]).astype(cp.float32)
+        S = A @ x
+        denom = normb * (mon[None, :] if mon is not None else 1.0)
+        good = denom > 0
+        intensity = cp.where(good, S / denom, 0.0).T.astype(cp.float32)
+        sigma = None
+        if do_var:
+            V = A2 @ v
+            sigma = cp.where(good, cp.sqrt(V) / denom, 0.0).T.astype(cp.float32)
+        return intensity, sigma
+
+    # ---------------------------------------------------------------- sigma clip
+    def integrate_sigma_clip(self, frames, monitor=None, thres: float = 4.0, max_iter: int = 5,
+                             sub_batch: int = 8):
+        """Sigma-clipped mean per bin, batched (rejects single-crystal spots and hot pixels).
+
+        Per bin, pixels whose corrected value ``(x - d) / omega`` lies further than
+        ``max(thres, sqrt(2 ln(n / sqrt(2 pi))))`` standard deviations from the bin's mean
+        (Chauvenet's criterion as the floor, ``n`` the pixels left in the bin) are rejected
+        and the mean is recomputed, up to ``max_iter`` times or until nothing changes. The
+        standard deviation is Poisson-propagated (``error_model="poisson"``) or the spread
+        within the ring (``"none"``). This is the algorithm of pyFAI ``sigma_clip_ng``
+        (no pixel splitting), evaluated for many frames at once: bin sums are segment sums
+        over bin-sorted pixels and rejected pixels are subtracted from the running sums.
+
+        Parameters
+        ----------
+        frames : array, shape (n, H, W) or (H, W), int or float
+        monitor : array, shape (n,), optional
+        thres : float
+            Clipping threshold in standard deviations.
+        max_iter : int
+            Maximum number of rejection passes.
+        sub_batch : int
+            Frames processed together (memory: about 20 bytes x pixels x sub_batch).
+
+        Returns
+        -------
+        intensity, sigma : numpy.ndarray, shape (n, npt), float32
+            Clipped mean and its standard error, on :attr:`radial_clip`.
+        """
+        xp, f = self._frames(frames)
+        if xp is not np:
+            f = xp.asnumpy(f)
+            monitor = None if monitor is None else xp.asnumpy(xp.asarray(monitor))
+        n = f.shape[0]
+        mon = self._monitor(monitor, n)
+        out_i = np.zeros((n, self.npt), np.float32)
+        out_s = np.zeros((n, self.npt), np.float32)
+        for s in range(0, n, max(1, int(sub_batch))):
+            e = min(n, s + max(1, int(sub_batch)))
+            i, sg = self._sigma_clip_block(f[s:e], thres, max_iter)
+            if mon is not None:
+                i = i / mon[s:e, None]
+                sg = sg / mon[s:e, None]
+            out_i[s:e] = i
+            out_s[s:e] = sg
+        return out_i, out_s
+
+    @property
+    def radial_clip(self) -> np.ndarray:
+        """Bin centres of the no-split matrix used by the clipping filters (in ``unit``)."""
+        return self._csr("no").radial
+
+    def _bin_blocks(self, csr, target_pixels: int):
+        """Groups of consecutive non-empty bins holding about ``target_pixels`` pixels."""
+        key = ("bin_blocks", target_pixels)
+        if key not in csr.__dict__:
+            ne, starts, counts = csr.nonempty, csr.starts, csr.counts[csr.nonempty]
+            ends = starts + counts
+            blocks, k = [], 0
+            while k < len(ne):
+                j = k + 1
+                while j < len(ne) and ends[j - 1] - starts[k] < target_pixels:
+                    j += 1
+                blocks.append((k, j, int(starts[k]), int(ends[j - 1])))
+                k = j
+            csr.__dict__[key] = blocks
+        return csr.__dict__[key]
+
+    def _sigma_clip_block(self, f, thres, max_iter):
+        """Sigma clip of a few frames, bin block by bin block (each block stays in cache).
+
+        Layout: pixels x frames (frames innermost), pixels sorted by bin, so that per-bin
+        sums are segment sums (``np.add.reduceat``) and broadcasting a bin value to its
+        pixels is ``np.repeat``.
+        """
+        csr = self._csr("no")
+        n = f.shape[0]
+        f2 = f.reshape(n, -1)
+        # pixel-major copy of the frames, transposed block by block (cache friendly)
+        ft = np.empty((f2.shape[1], n), dtype=np.float32)
+        step = max(1024, (1 << 18) // n)
+        for p0 in range(0, f2.shape[1], step):
+            ft[p0:p0 + step] = f2[:, p0:p0 + step].T
+        ne, starts_all = csr.nonempty, csr.starts
+        counts_all = csr.counts[ne]
+        dummy, delta = self.dummies(f.dtype)
+        is_float = np.issubdtype(f.dtype, np.floating)
+        poisson = self.error_model == "poisson"
+        dark = self._dark_flat
+        mean_out = np.zeros((len(ne), n))
+        sem_out = np.zeros((len(ne), n))
+        target = max(1024, (1 << 19) // max(n, 1))  # ~2 MiB of float32 per block
+        if csr.__dict__.get("om_sums") is None:
+            om64_all = self.omega[csr.pix].astype(np.float64)
+            csr.om_sums = (np.add.reduceat(om64_all, starts_all), np.add.reduceat(om64_all ** 2, starts_all))
+
+        def one_block(k0, k1, q0, q1):
+            pix = csr.pix[q0:q1]
+            starts = starts_all[k0:k1] - q0
+            counts = counts_all[k0:k1]
+            nb = k1 - k0
+            raw = np.take(ft, pix, axis=0)  # (P, n)
+            om = self.omega[pix]
+            om64 = om.astype(np.float64)
+            valid = None
+            if self._invalid_possible(raw, dummy, delta, is_float):
+                inv = self._invalid(raw, dummy, delta, is_float)
+                if inv.any():
+                    valid = ~inv
+            var = np.maximum(raw, np.float32(1.0)) if poisson else None
+            sig = raw
+            if dark is not None:
+                sig = raw - dark[pix, None]
+            if valid is not None:
+                sig = np.where(valid, sig, np.float32(0.0))
+                if poisson:
+                    var = np.where(valid, var, np.float32(0.0))
+                w = valid.astype(np.float64)
+            else:
+                valid = np.ones(raw.shape, dtype=bool)
+                w = None
+            x = sig / om[:, None]  # corrected value of each pixel
+
+            def seg(a):
+                return np.add.reduceat(a, starts, axis=0, dtype=np.float64)
+
+            s_sig = seg(sig)
+            if w is None:
+                s_w = np.repeat(csr.om_sums[0][k0:k1, None], n, axis=1)
+                s_w2 = np.repeat(csr.om_sums[1][k0:k1, None], n, axis=1)
+                s_cnt = np.repeat(counts.astype(np.float64)[:, None], n, axis=1)
+            else:
+                s_w = seg(w * om64[:, None])
+                s_w2 = seg(w * (om64 ** 2)[:, None])
+                s_cnt = seg(w)
+            if poisson:
+                s_var = seg(var)
+            else:
+                s_sig2 = seg(sig.astype(np.float64) ** 2)  # sum omega^2 x^2
+                s_wsig = seg(sig * om64[:, None])  # sum omega^2 x
+
+            def stats():
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    mean = s_sig / s_w
+                    if poisson:
+                        vsum = s_var
+                    else:  # sum omega^2 (x - mean)^2 over the pixels left
+                        vsum = np.maximum(s_sig2 - 2 * mean * s_wsig + mean ** 2 * s_w2, 0.0)
+                    std = np.sqrt(vsum / s_w2)
+                return mean, std, vsum
+
+            for _ in range(int(max_iter)):
+                mean, std, _v = stats()
+                cnt = np.maximum(s_cnt, 3.0)
+                lim = np.maximum(thres, np.sqrt(2.0 * np.log(cnt / np.sqrt(2.0 * np.pi)))) * std
+                with np.errstate(invalid="ignore"):
+                    lo = np.repeat((mean - lim).astype(np.float32), counts, axis=0)
+                    hi = np.repeat((mean + lim).astype(np.float32), counts, axis=0)
+                    rej = x < lo
+                    rej |= x > hi
+                rej &= valid
+                idx = np.flatnonzero(rej)
+                if idx.size == 0:
+                    break
+                px, fr = np.divmod(idx, n)
+                valid.ravel()[idx] = False
+                b = np.searchsorted(starts, px, side="right") - 1
+                flat = b * n + fr
+
+                def sub(acc, vals):
+                    acc -= np.bincount(flat, weights=vals, minlength=acc.size).reshape(acc.shape)
+
+                sig_r = sig.ravel()[idx]
+                sub(s_sig, sig_r)
+                sub(s_w, om64[px])
+                sub(s_w2, om64[px] ** 2)
+                sub(s_cnt, np.ones(idx.size))
+                if poisson:
+                    sub(s_var, var.ravel()[idx])
+                else:
+                    sub(s_sig2, sig_r.astype(np.float64) ** 2)
+                    sub(s_wsig, sig_r * om64[px])
+            mean, std, vsum = stats()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sem = np.sqrt(vsum) / s_w
+            good = (s_w > 0) & (s_cnt > 0.5)
+            mean_out[k0:k1] = np.where(good, mean, 0.0)
+            sem_out[k0:k1] = np.where(good, sem, 0.0)
+
+        # numpy releases the GIL in these kernels: bin blocks run on all cores
+        blocks = self._bin_blocks(csr, target)
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(lambda blk: one_block(*blk), blocks))
+        inten = np.zeros((n, self.npt), np.float32)
+        sigma = np.zeros((n, self.npt), np.float32)
+        inten[:, ne] = mean_out.T
+        sigma[:, ne] = sem_out.T
+        return inten, sigma
+
+    # ---------------------------------------------------------------- trimmed mean
+    def integrate_trimmed_mean(self, frames, monitor=None, quantiles=(0.0, 0.9)):
+        """Trimmed mean per bin: the mean of the pixels between two quantiles of each ring.
+
+        Uses pyFAI ``medfilt1d_ng`` (no pixel splitting, cython) frame by frame with
+        ``percentile=(100*lo, 100*hi)``; Poisson errors.
+
+        Parameters
+        ----------
+        frames : array, shape (n, H, W) or (H, W)
+        monitor : array, shape (n,), optional
+        quantiles : (float, float)
+            ``0 <= lo < hi <= 1``; (0, 0.9) drops the brightest 10 % of each ring.
+
+        Returns
+        -------
+        intensity, sigma : numpy.ndarray, shape (n, npt), float32, on :attr:`radial_clip`.
+        """
+        xp, f = self._frames(frames)
+        if xp is not np:
+            f = xp.asnumpy(f)
+        lo, hi = float(quantiles[0]), float(quantiles[1])
+        if not 0 <= lo < hi <= 1:
+            raise IntegrationError(f"quantiles {quantiles}: expected 0 <= lo < hi <= 1")
+        n = f.shape[0]
+        mon = self._monitor(monitor, n)
+        out_i = np.zeros((n, self.npt), np.float32)
+        out_s = np.zeros((n, self.npt), np.float32)
+        for k in range(n):
+            r = self.reference_trimmed_mean(f[k], quantiles=(lo, hi),
+                                            monitor=1.0 if mon is None else float(mon[k]))
+            out_i[k] = r.intensity
+            if r.sigma is not None:
+                out_s[k] = r.sigma
+        return out_i, out_s
+
+    # ---------------------------------------------------------------- pyFAI references
+    def _common_kwargs(self):
+        return dict(unit=self._unit, mask=self.mask, dark=self.dark, flat=self.flat,
+                    polarization_factor=self.polarization_factor,
+                    correctSolidAngle=self.solid_angle)
+
+    @staticmethod
+    def _check_method(result, split, name):
+        m = result.method
+        got = (m.split_lower, m.algo_lower, m.impl_lower)
+        want = ("full" if split == "pseudo" else split, "csr", "cython")
+        if got != want:
+            raise IntegrationError(f"pyFAI {name} used method {got}; expected {want}")
+        return result
+
+    def reference(self, frame, monitor: float = 1.0):
+        """pyFAI ``integrate1d_ng`` of one frame with the same settings (for tests/benchmarks).
+
+        Returns the pyFAI ``Integrate1dResult``; its ``method`` is checked to be
+        ``(split, "csr", "cython")``.
+        """
+        res = self.ai.integrate1d_ng(
+            np.asarray(frame), self.npt, radial_range=self.radial_range,
+            error_model="poisson" if self.error_model == "poisson" else None,
+            method=(self.split, "csr", "cython"), normalization_factor=float(monitor),
+            **self._common_kwargs())
+        return self._check_method(res, self.split, "integrate1d_ng")
+
+    def reference_sigma_clip(self, frame, thres: float = 4.0, max_iter: int = 5,
+                             monitor: float = 1.0):
+        """pyFAI ``sigma_clip_ng`` of one frame (no split, CSR, cython), same settings and
+        radial grid as :meth:`integrate_sigma_clip`. The detector's dummy value is passed
+        explicitly (``sigma_clip_ng`` does not look it up, ``integrate1d_ng`` does)."""
+        dummy, delta = self.dummies(np.asarray(frame).dtype)
+        res = self.ai.sigma_clip_ng(
+            np.asarray(frame), self.npt, dummy=dummy, delta_dummy=delta,
+            radial_range=self._aux_range(),
+            error_model="poisson" if self.error_model == "poisson" else "azimuthal",
+            method=("no", "csr", "cython"), thres=thres, max_iter=max_iter,
+            normalization_factor=float(monitor), **self._common_kwargs())
+        return self._check_method(res, "no", "sigma_clip_ng")
+
+    def reference_trimmed_mean(self, frame, quantiles=(0.0, 0.9), monitor: float = 1.0):
+        """pyFAI ``medfilt1d_ng`` of one frame with ``percentile=(100*lo, 100*hi)`` (detector
+        dummy value passed explicitly, as for :meth:`reference_sigma_clip`)."""
+        dummy, delta = self.dummies(np.asarray(frame).dtype)
+        res = self.ai.medfilt1d_ng(
+            np.asarray(frame), self.npt, dummy=dummy, delta_dummy=delta,
+            radial_range=self._aux_range(),
+            error_model="poisson", method=("no", "csr", "cython"),
+            percentile=(100.0 * quantiles[0], 100.0 * quantiles[1]),
+            normalization_factor=float(monitor), **self._common_kwargs())
+        return self._check_method(res, "no", "medfilt1d_ng")
+
+
+# ------------------------------------------------------------------------------------------
+# Scan-level driver
+# ------------------------------------------------------------------------------------------
+
+def integrator_from_spec(spec, shape=None, poni=None) -> RadialIntegrator:
+    """Build the :class:`RadialIntegrator` a pipeline spec asks for.
+
+    Parameters
+    ----------
+    spec : pipelines.spec.PipelineSpec
+        ``calibration`` (poni, mask, dark, flat, polarization_factor, solid_angle) and
+        ``integration`` (unit, npt, radial_range, error_model); paths are resolved with
+        ``spec.resolve``.
+    shape : (int, int), optional
+        Detector shape of the frames.
+    poni : str or Path, optional
+        PONI file overriding ``spec.calibration.poni`` (e.g. given on the command line).
+
+    Raises
+    ------
+    IntegrationError
+        No PONI in the spec, or any error of :class:`RadialIntegrator`.
+    """
+    cal, integ = spec.calibration, spec.integration
+    if poni is None and cal.poni is None:
+        raise IntegrationError(f"{spec.base_dir or '<spec>'}: calibration.poni: a PONI file is "
+                               f"required to integrate frames")
+    split = "bbox" if integ.method == "mean" else "no"
+    return RadialIntegrator(
+        poni if poni is not None else spec.resolve(cal.poni), npt=integ.npt, unit=integ.unit, radial_range=integ.radial_range,
+        mask=spec.resolve(cal.mask), dark=spec.resolve(cal.dark), flat=spec.resolve(cal.flat),
+        polarization_factor=cal.polarization_factor, solid_angle=cal.solid_angle, shape=shape,
+        split=split, error_model=integ.error_model)
+
+
+def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = None,
+                   integrator: RadialIntegrator | None = None, poni=None):
+    """Integrate every frame of a scan, streaming batches of frames.
+
+    Frames are computed ``spec.integration.batch_frames`` at a time (the next batch is read
+    while the current one is integrated); the scan is never loaded whole. Each batch is
+    checked with :func:`tasks.ingest.check_frames` (mask and detector dummies allowed).
+
+    Parameters
+    ----------
+    scan : tasks.ingest.Scan
+        Kind ``"frames"`` or ``"map"``.
+    spec : pipelines.spec.PipelineSpec
+    progress : callable(done, total), optional
+        Called after each batch with the number of frames done and the total.
+    integrator : RadialIntegrator, optional
+        Reuse an integrator (else built by :func:`integrator_from_spec`).
+    poni : str or Path, optional
+        PONI file overriding ``spec.calibration.poni``.
+
+    Returns
+    -------
+    radial : numpy.ndarray, shape (npt,), float64
+        Bin centres in ``spec.integration.unit``.
+    patterns : numpy.ndarray, shape (n_frames, npt), float32
+        Intensity per frame (divided by the scan's monitor when it has one).
+    sigma : numpy.ndarray, shape (n_frames, npt), float32, or None
+        Standard errors (None for ``error_model="none"`` with ``method="mean"``).
+
+    Raises
+    ------
+    IntegrationError
+        Sinogram input, empty scan, spec problems.
+    tasks.ingest.IngestError
+        Frames that fail :func:`check_frames`, unreadable chunks.
+    """
+    from tasks.ingest import check_frames  # noqa: PLC0415
+
+    if scan.kind == "sinogram" or scan.frames is None:
+        raise IntegrationError(f"{scan.source}: scan kind {scan.kind!r} holds no frames "
+                               f"(already integrated?); nothing to integrate")
+    n = scan.n_frames
+    if n == 0:
+        raise IntegrationError(f"{scan.source}: empty scan: no frames to integrate")
+    integ = integrator or integrator_from_spec(spec, shape=scan.frame_shape, poni=poni)
+    if tuple(scan.frame_shape) != integ.shape:
+        raise IntegrationError(f"{scan.source}: frames of shape {scan.frame_shape} do not match "
+                               f"the calibration's detector shape {integ.shape} ({integ.poni})")
+    ispec = spec.integration
+    method = ispec.method
+    batch = int(ispec.batch_frames)
+    dummy, delta = integ.dummies(scan.frames.dtype)
+    src = f"{scan.source}: {scan.frames_dataset or 'frames'}"
+    patterns = np.zeros((n, integ.npt), np.float32)
+    want_sigma = not (method == "mean" and ispec.error_model == "none")
+    sigma = np.zeros((n, integ.npt), np.float32) if want_sigma else None
+    radial = integ.radial if method == "mean" else integ.radial_clip
+
+    def load(s):
+        e = min(n, s + batch)
+        return s, e, np.asarray(scan.frames[s:e].compute())
+
+    starts = list(range(0, n, batch))
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(load, starts[0])
+        for k in range(len(starts)):
+            s, e, block = fut.result()
+            if k + 1 < len(starts):
+                fut = pool.submit(load, starts[k + 1])
+            check_frames(block, src, s, mask=integ.mask, dummy=dummy, delta_dummy=delta)
+            mon = None if scan.monitor is None else scan.monitor[s:e]
+            if method == "mean":
+                i, sg = integ.integrate(block, mon)
+            elif method == "sigma_clip":
+                i, sg = integ.integrate_sigma_clip(block, mon, thres=ispec.sigma_clip_threshold,
+                                                   max_iter=ispec.sigma_clip_max_iter)
+            elif method == "trimmed_mean":
+                i, sg = integ.integrate_trimmed_mean(block, mon, quantiles=ispec.trimmed_mean_quantiles)
+            else:  # pragma: no cover - the spec validates the method
+                raise IntegrationError(f"integration.method {method!r} unknown")
+            patterns[s:e] = i
+            if sigma is not None and sg is not None:
+                sigma[s:e] = sg
+            if progress is not None:
+                progress(e, n)
+    return radial, patterns, sigma
