@@ -562,7 +562,6 @@ class RadialIntegrator:
             pix = csr.pix[q0:q1]
             starts = starts_all[k0:k1] - q0
             counts = counts_all[k0:k1]
-            nb = k1 - k0
             raw = np.take(ft, pix, axis=0)  # (P, n)
             om = self.omega[pix]
             om64 = om.astype(np.float64)
@@ -788,11 +787,13 @@ def integrator_from_spec(spec, shape=None, poni=None) -> RadialIntegrator:
 
 
 def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = None,
-                   integrator: RadialIntegrator | None = None, poni=None):
+                   integrator: RadialIntegrator | None = None, poni=None,
+                   max_batch_bytes: int = 512 * 2**20):
     """Integrate every frame of a scan, streaming batches of frames.
 
-    Frames are computed ``spec.integration.batch_frames`` at a time (the next batch is read
-    while the current one is integrated); the scan is never loaded whole. Each batch is
+    Frames are computed ``spec.integration.batch_frames`` at a time, fewer when a batch would
+    exceed ``max_batch_bytes`` (the next batch is read while the current one is integrated,
+    so about twice that is held); the scan is never loaded whole. Each batch is
     checked with :func:`tasks.ingest.check_frames` (mask and detector dummies allowed).
 
     Parameters
@@ -806,6 +807,8 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
         Reuse an integrator (else built by :func:`integrator_from_spec`).
     poni : str or Path, optional
         PONI file overriding ``spec.calibration.poni``.
+    max_batch_bytes : int
+        Upper bound of the raw frames held per batch (default 512 MiB).
 
     Returns
     -------
@@ -837,7 +840,8 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
                                f"the calibration's detector shape {integ.shape} ({integ.poni})")
     ispec = spec.integration
     method = ispec.method
-    batch = int(ispec.batch_frames)
+    frame_bytes = int(np.prod(scan.frame_shape)) * np.dtype(scan.frames.dtype).itemsize
+    batch = max(1, min(int(ispec.batch_frames), int(max_batch_bytes) // max(frame_bytes, 1)))
     dummy, delta = integ.dummies(scan.frames.dtype)
     src = f"{scan.source}: {scan.frames_dataset or 'frames'}"
     patterns = np.zeros((n, integ.npt), np.float32)

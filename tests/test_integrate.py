@@ -209,6 +209,13 @@ def test_fe3o4c_map_series_equals_pyfai(fe3o4c_table):
                                              integrator=integ)
     assert calls == [(4, 9), (8, 9), (9, 9)]
     assert patterns.shape == (9, 1500) and patterns.dtype == np.float32
+    # a memory cap shrinks the batches, not the result
+    calls2 = []
+    frame_bytes = 1043 * 981 * scan.frames.dtype.itemsize
+    _, patterns2, _ = integrate_scan(scan, spec, progress=lambda d, t: calls2.append(d),
+                                     integrator=integ, max_batch_bytes=3 * frame_bytes)
+    assert calls2 == [3, 6, 9]
+    np.testing.assert_array_equal(patterns2, patterns)
     np.testing.assert_allclose(radial, integ.radial)
     n_dummy = 0
     for k, i in enumerate(MAP_IDS):
