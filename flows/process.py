@@ -148,7 +148,7 @@ def stage_ingest(req: Request) -> dict:
     return info
 
 
-def stage_integrate(req: Request, client=None) -> dict:
+def stage_integrate(req: Request) -> dict:
     """Radial integration of every frame into ``patterns`` (z, angle, translation, radial),
     or, for a raster map, into ``volume`` (z, y, x, radial). Sinogram input is copied."""
     import xarray as xr
@@ -174,8 +174,10 @@ def stage_integrate(req: Request, client=None) -> dict:
         wavelength = scan.wavelength_m or spec.input.wavelength_m
     else:
         g = scan.grid()
-        radial, patterns, sigma = integrate_scan(scan, spec,
+        radial, patterns, sigma = integrate_scan(scan, spec, poni=req.poni, client=_current_client(),
                                                  progress=progress.callback("integrate"))
+        if sigma is None:
+            sigma = np.full_like(patterns, np.nan)
         unit = spec.integration.unit
         import pyFAI
 
@@ -212,6 +214,16 @@ def stage_integrate(req: Request, client=None) -> dict:
     store.update_attrs(req.work, {"timings_s": {"integrate": dt}, "scan_kind": scan.kind,
                                   "wavelength_m": wavelength, **attrs})
     return {"seconds": dt, "kind": scan.kind}
+
+
+def _current_client():
+    """The Dask client of the running flow, if any (chunk-level parallelism of a stage)."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
 
 
 def stage_sinogram(req: Request) -> dict:

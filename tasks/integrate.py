@@ -755,6 +755,101 @@ class RadialIntegrator:
 # Scan-level driver
 # ------------------------------------------------------------------------------------------
 
+def integrate_batch(integ: RadialIntegrator, block, monitor, ispec, source: str, first_index: int,
+                    dummy=None, delta_dummy=None):
+    """Check one batch of frames and integrate it with the spec's method.
+
+    Parameters
+    ----------
+    integ : RadialIntegrator
+    block : numpy.ndarray, shape (n, H, W)
+        Frames in their detector dtype.
+    monitor : numpy.ndarray, shape (n,), or None
+    ispec : pipelines.spec.IntegrationSpec
+    source : str
+        File and dataset, for error messages.
+    first_index : int
+        Index of ``block[0]`` in the scan, for error messages.
+
+    Returns
+    -------
+    intensity, sigma : numpy.ndarray, shape (n, npt), float32 (sigma may be None)
+    """
+    from tasks.ingest import check_frames  # noqa: PLC0415
+
+    check_frames(block, source, first_index, mask=integ.mask, dummy=dummy, delta_dummy=delta_dummy)
+    method = ispec.method
+    if method == "mean":
+        return integ.integrate(block, monitor)
+    if method == "sigma_clip":
+        return integ.integrate_sigma_clip(block, monitor, thres=ispec.sigma_clip_threshold,
+                                          max_iter=ispec.sigma_clip_max_iter)
+    if method == "trimmed_mean":
+        return integ.integrate_trimmed_mean(block, monitor, quantiles=ispec.trimmed_mean_quantiles)
+    raise IntegrationError(f"integration.method {method!r} unknown")  # pragma: no cover
+
+
+_WORKER_INTEGRATORS: dict = {}
+
+
+def _worker_integrate(spec_json: str, base_dir, poni, shape, frames, monitor, s: int, e: int, source: str):
+    """Runs on a Dask worker: integrate frames ``s:e`` of the scan (integrator cached)."""
+    from pipelines.spec import parse_spec  # noqa: PLC0415
+
+    key = (spec_json, str(base_dir), str(poni), tuple(shape))
+    if key not in _WORKER_INTEGRATORS:
+        _WORKER_INTEGRATORS.clear()
+        spec = parse_spec(__import__("json").loads(spec_json), source="<worker>", base_dir=base_dir)
+        _WORKER_INTEGRATORS[key] = (spec, integrator_from_spec(spec, shape=shape, poni=poni))
+    spec, integ = _WORKER_INTEGRATORS[key]
+    block = np.asarray(frames.compute(scheduler="synchronous"))
+    dummy, delta = integ.dummies(block.dtype)
+    return integrate_batch(integ, block, monitor, spec.integration, source, s, dummy, delta)
+
+
+def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, patterns, sigma,
+                          progress):
+    from distributed import as_completed  # noqa: PLC0415
+
+    n = scan.n_frames
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    spec_json = spec.canonical_json()
+    poni = poni if poni is not None else spec.resolve(spec.calibration.poni)
+    todo = list(starts)
+    done = 0
+
+    def submit(s):
+        e = min(n, s + batch)
+        mon = None if scan.monitor is None else scan.monitor[s:e]
+        return client.submit(_worker_integrate, spec_json, spec.base_dir, str(poni), integ.shape,
+                             scan.frames[s:e], mon, s, e, src, key=f"integrate-{s}-{e}-{id(scan)}",
+                             pure=False)
+
+    futures = {}
+    ac = as_completed()
+    for _ in range(min(len(todo), 2 * n_workers)):
+        s = todo.pop(0)
+        f = submit(s)
+        futures[f.key] = s
+        ac.add(f)
+    for f in ac:
+        s = futures.pop(f.key)
+        e = min(n, s + batch)
+        i, sg = f.result()
+        f.release()
+        patterns[s:e] = i
+        if sigma is not None and sg is not None:
+            sigma[s:e] = sg
+        done += e - s
+        if progress is not None:
+            progress(done, n)
+        if todo:
+            s2 = todo.pop(0)
+            f2 = submit(s2)
+            futures[f2.key] = s2
+            ac.add(f2)
+
+
 def integrator_from_spec(spec, shape=None, poni=None) -> RadialIntegrator:
     """Build the :class:`RadialIntegrator` a pipeline spec asks for.
 
@@ -788,7 +883,7 @@ def integrator_from_spec(spec, shape=None, poni=None) -> RadialIntegrator:
 
 def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = None,
                    integrator: RadialIntegrator | None = None, poni=None,
-                   max_batch_bytes: int = 512 * 2**20):
+                   max_batch_bytes: int = 512 * 2**20, client=None):
     """Integrate every frame of a scan, streaming batches of frames.
 
     Frames are computed ``spec.integration.batch_frames`` at a time, fewer when a batch would
@@ -809,6 +904,11 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
         PONI file overriding ``spec.calibration.poni``.
     max_batch_bytes : int
         Upper bound of the raw frames held per batch (default 512 MiB).
+    client : distributed.Client, optional
+        Spread the batches over this Dask cluster: each worker builds the integrator once
+        (cached per process), reads its frames from the file itself (the readers re-open
+        the file by path), and at most two batches per worker are in flight, so host memory
+        stays bounded by batch size x workers whatever the scan length.
 
     Returns
     -------
@@ -826,8 +926,6 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
     tasks.ingest.IngestError
         Frames that fail :func:`check_frames`, unreadable chunks.
     """
-    from tasks.ingest import check_frames  # noqa: PLC0415
-
     if scan.kind == "sinogram" or scan.frames is None:
         raise IntegrationError(f"{scan.source}: scan kind {scan.kind!r} holds no frames "
                                f"(already integrated?); nothing to integrate")
@@ -849,28 +947,24 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
     sigma = np.zeros((n, integ.npt), np.float32) if want_sigma else None
     radial = integ.radial if method == "mean" else integ.radial_clip
 
+    starts = list(range(0, n, batch))
+    if client is not None:
+        _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, patterns, sigma,
+                              progress)
+        return radial, patterns, sigma
+
     def load(s):
         e = min(n, s + batch)
-        return s, e, np.asarray(scan.frames[s:e].compute())
+        return s, e, np.asarray(scan.frames[s:e].compute(scheduler="synchronous"))
 
-    starts = list(range(0, n, batch))
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(load, starts[0])
         for k in range(len(starts)):
             s, e, block = fut.result()
             if k + 1 < len(starts):
                 fut = pool.submit(load, starts[k + 1])
-            check_frames(block, src, s, mask=integ.mask, dummy=dummy, delta_dummy=delta)
             mon = None if scan.monitor is None else scan.monitor[s:e]
-            if method == "mean":
-                i, sg = integ.integrate(block, mon)
-            elif method == "sigma_clip":
-                i, sg = integ.integrate_sigma_clip(block, mon, thres=ispec.sigma_clip_threshold,
-                                                   max_iter=ispec.sigma_clip_max_iter)
-            elif method == "trimmed_mean":
-                i, sg = integ.integrate_trimmed_mean(block, mon, quantiles=ispec.trimmed_mean_quantiles)
-            else:  # pragma: no cover - the spec validates the method
-                raise IntegrationError(f"integration.method {method!r} unknown")
+            i, sg = integrate_batch(integ, block, mon, ispec, src, s, dummy, delta)
             patterns[s:e] = i
             if sigma is not None and sg is not None:
                 sigma[s:e] = sg

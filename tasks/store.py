@@ -161,8 +161,13 @@ def write_variables(store: str | Path, ds, *, level: int = 3) -> None:
         encoding[name] = {"compressors": comp,
                           "chunks": _chunks(var.dims, var.shape, var.dtype.itemsize)}
     mode = "a" if (store / "zarr.json").exists() else "w-"
-    ds.to_zarr(str(store), mode=mode, zarr_format=3, consolidated=False,
-                           encoding=encoding)
+    kept = {}
+    if mode == "a":  # to_zarr replaces the root attrs; keep the provenance written so far
+        kept = dict(zarr.open_group(str(store), mode="r").attrs)
+    ds.to_zarr(str(store), mode=mode, zarr_format=3, consolidated=False, encoding=encoding)
+    if kept:
+        grp = zarr.open_group(str(store), mode="a")
+        grp.attrs.update({**kept, **dict(grp.attrs)})
 
 
 def update_attrs(store: str | Path, attrs: dict) -> None:

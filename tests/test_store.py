@@ -34,8 +34,9 @@ def test_write_publish_open_roundtrip(tmp_path):
     ds = _ds()
     work = store.work_path(tmp_path, "abc")
     store.write_variables(work, ds)
-    store.write_variables(work, xr.Dataset({"rwp": (("z", "y", "x"), np.ones((1, 4, 4), np.float32))}))
     store.update_attrs(work, {"timings_s": {"integrate": 1.5}, "arr": np.arange(3)})
+    # a later stage adds variables: the provenance written so far must survive
+    store.write_variables(work, xr.Dataset({"rwp": (("z", "y", "x"), np.ones((1, 4, 4), np.float32))}))
     final = store.publish(work, store.published_path(tmp_path, "abc"))
     assert not work.exists() and final.name == "abc.zarr"
     meta = json.loads((final / "patterns" / "zarr.json").read_text())
