@@ -72,7 +72,7 @@ def _summary(console, product: str, wall: float) -> None:
         t.add_row("median Rwp", f"{fit['median_rwp']:.4f}")
         for name, w in fit["mean_weight_fraction"].items():
             t.add_row(f"mean weight fraction {name}", f"{w:.3f}")
-    png = Path(product) / "overview.png"
+    png = Path(product).with_suffix(".png")
     if png.exists():
         t.add_row("overview", str(png))
     console.print(t)

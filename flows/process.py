@@ -237,13 +237,25 @@ def stage_sinogram(req: Request) -> dict:
     ds = store.open_product(req.work)
     pat = ds["patterns"]
     angles = ds["angle"].values
+    nz, n = pat.sizes["z"], pat.sizes["translation"]
+    # Pass 1: the centre of every slice. Pass 2: centre all slices to one common width m,
+    # with m - n even so the reconstruction grid keeps the measured pixel pitch and the
+    # central n x n pixels sit on the nominal grid about the rotation axis.
+    found = [process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles, spec.sinogram)
+             for iz in range(nz)]
+    m = max(info["width_out"] for _, info in found)
+    m += (m - n) % 2
     out, centers, shifts = [], [], []
-    for iz in range(pat.sizes["z"]):
-        sino, info = process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles, spec.sinogram)
+    for iz in range(nz):
+        sino, info = found[iz]
+        if info["width_out"] != m:  # re-centre this slice to the common width
+            sino, info = process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles,
+                                          spec.sinogram, width=m, center=info["center_px"])
+        found[iz] = None
         out.append(sino)
-        centers.append(float(info.get("center_px", np.nan)))
-        shifts.append(float(info.get("shift_px", 0.0)))
-        progress.report("sinogram", iz + 1, pat.sizes["z"])
+        centers.append(float(info["center_px"]))
+        shifts.append(float(info["shift_px"]))
+        progress.report("sinogram", iz + 1, nz)
     sino = np.stack(out)
     nt = sino.shape[2]
     step = float(np.median(np.diff(ds["translation"].values))) if ds.sizes["translation"] > 1 else 1.0
@@ -360,11 +372,14 @@ def stage_publish(req: Request, started: float, stage_info: dict) -> str:
         "calibration": {"poni": req.poni, "checksums": req.calibration},
         "stages": stage_info, "created_unix": time.time(),
         "wall_time_s": time.perf_counter() - started})
-    if spec.output.overview_png:  # inside the store, so it is published with it
+    png = req.work.with_suffix(".png")
+    if spec.output.overview_png:  # drawn before publishing, renamed beside the product after
         from tasks.plots import overview_png
 
-        overview_png(req.work, req.work / "overview.png")
+        overview_png(req.work, png)
     final = store.publish(req.work, req.final)
+    if png.exists():
+        os.replace(png, final.with_suffix(".png"))
     _register(req, final, stage_info, time.perf_counter() - started)
     return str(final)
 

@@ -84,7 +84,10 @@ class IntegrationSpec(_Strict):
     sigma_clip_threshold: float = Field(default=4.0, gt=0)
     sigma_clip_max_iter: int = Field(default=5, ge=1, le=100)
     trimmed_mean_quantiles: tuple[float, float] = (0.0, 0.9)
-    error_model: Literal["poisson", "none"] = "poisson"
+    # poisson: variance = counts; azimuthal: variance from the spread of the pixels of a
+    # ring (pyFAI error_model="azimuthal"), robust when strong single-crystal spots would
+    # inflate a Poisson-model sigma clip; none: no standard errors.
+    error_model: Literal["poisson", "azimuthal", "none"] = "poisson"
     batch_frames: int = Field(default=256, ge=1)
 
     @field_validator("radial_range")

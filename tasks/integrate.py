@@ -878,7 +878,7 @@ def integrator_from_spec(spec, shape=None, poni=None) -> RadialIntegrator:
         poni if poni is not None else spec.resolve(cal.poni), npt=integ.npt, unit=integ.unit, radial_range=integ.radial_range,
         mask=spec.resolve(cal.mask), dark=spec.resolve(cal.dark), flat=spec.resolve(cal.flat),
         polarization_factor=cal.polarization_factor, solid_angle=cal.solid_angle, shape=shape,
-        split=split, error_model=integ.error_model)
+        split=split, error_model="poisson" if integ.error_model == "poisson" else "none")
 
 
 def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = None,
@@ -943,7 +943,7 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
     dummy, delta = integ.dummies(scan.frames.dtype)
     src = f"{scan.source}: {scan.frames_dataset or 'frames'}"
     patterns = np.zeros((n, integ.npt), np.float32)
-    want_sigma = not (method == "mean" and ispec.error_model == "none")
+    want_sigma = not (method == "mean" and ispec.error_model != "poisson")
     sigma = np.zeros((n, integ.npt), np.float32) if want_sigma else None
     radial = integ.radial if method == "mean" else integ.radial_clip
 

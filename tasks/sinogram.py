@@ -714,7 +714,7 @@ def center_sinogram(sino, angles_deg, center="auto", method="vo", *, width=None,
 # pipeline entry point
 # --------------------------------------------------------------------------------------
 
-def process_sinogram(sino, angles_deg, spec):
+def process_sinogram(sino, angles_deg, spec, *, width=None, center=None):
     """Apply the spec's sinogram corrections: scaling, air removal, centring.
 
     Order: :func:`scale_per_angle` (if ``spec.scale_per_angle``), then
@@ -730,6 +730,11 @@ def process_sinogram(sino, angles_deg, spec):
     sino : array, shape (n_angle, n_translation[, n_bin])
     angles_deg : array_like, shape (n_angle,)
     spec : pipelines.spec.SinogramSpec
+    width : int, optional
+        Output width (one common width for all slices of a volume), at least the minimal
+        width that keeps every measured column; see :func:`center_sinogram`.
+    center : float, optional
+        Use this centre (px) instead of the spec's (e.g. found in a first pass).
 
     Returns
     -------
@@ -758,13 +763,15 @@ def process_sinogram(sino, angles_deg, spec):
         info["air_pattern"] = pat
         info["air_per_angle"] = per_angle
     nt = s.shape[1]
-    if spec.center is None:
+    if center is not None:
+        center, how = float(center), "given"
+    elif spec.center is None:
         center, how = (nt - 1) / 2.0, "none"
     elif isinstance(spec.center, str):
         center, how = "auto", spec.center_method
     else:
         center, how = float(spec.center), "given"
     out, c, cinfo = center_sinogram(s, ang, center=center, method=spec.center_method,
-                                    return_info=True)
+                                    width=width, return_info=True)
     info.update(center_px=float(c), center_method=how, **cinfo)
     return out, info
