@@ -290,13 +290,7 @@ def radial_to_two_theta(radial, unit: str, wavelength_m: float) -> np.ndarray:
     r = np.asarray(radial, dtype=np.float64)
     if unit == "2th_deg":
         return r.copy()
-    lam = _check_wavelength(wavelength_m)
-    if unit == "q_nm^-1":
-        lam_u = lam * 1e9
-    elif unit == "q_A^-1":
-        lam_u = lam * 1e10
-    else:
-        raise ProfileError(f"radial unit must be one of {RADIAL_UNITS}, got {unit!r}")
+    lam_u = _wavelength_in_unit(unit, wavelength_m)
     s = r * lam_u / (4 * math.pi)
     if np.any(np.abs(s) > 1):
         raise ProfileError(f"radial values up to {np.max(np.abs(r)):g} {unit} exceed the limiting "
@@ -304,18 +298,22 @@ def radial_to_two_theta(radial, unit: str, wavelength_m: float) -> np.ndarray:
     return np.degrees(2 * np.arcsin(s))
 
 
+def _wavelength_in_unit(unit: str, wavelength_m: float) -> float:
+    """The wavelength in the length unit of a q axis (nm for ``q_nm^-1``, A for ``q_A^-1``)."""
+    lam = _check_wavelength(wavelength_m)
+    if unit == "q_nm^-1":
+        return lam * 1e9
+    if unit == "q_A^-1":
+        return lam * 1e10
+    raise ProfileError(f"radial unit must be one of {RADIAL_UNITS}, got {unit!r}")
+
+
 def two_theta_to_radial(two_theta_deg, unit: str, wavelength_m: float) -> np.ndarray:
     """Inverse of :func:`radial_to_two_theta`."""
     t = np.asarray(two_theta_deg, dtype=np.float64)
     if unit == "2th_deg":
         return t.copy()
-    lam = _check_wavelength(wavelength_m)
-    if unit == "q_nm^-1":
-        lam_u = lam * 1e9
-    elif unit == "q_A^-1":
-        lam_u = lam * 1e10
-    else:
-        raise ProfileError(f"radial unit must be one of {RADIAL_UNITS}, got {unit!r}")
+    lam_u = _wavelength_in_unit(unit, wavelength_m)
     return 4 * math.pi * np.sin(np.radians(t) / 2) / lam_u
 
 

@@ -1109,16 +1109,12 @@ def simulate_scan(out_dir: str | Path, config: SimConfig | None = None,
 
 # ----------------------------------------------------------------------------- sinogram
 def _radial_to_tth(radial: np.ndarray, unit: str, wavelength_m: float) -> np.ndarray:
-    lam_nm = wavelength_m * 1e9
-    if unit == "2th_deg":
-        return np.asarray(radial, float)
-    if unit == "q_nm^-1":
-        q = np.asarray(radial, float)
-    elif unit == "q_A^-1":
-        q = np.asarray(radial, float) * 10
-    else:
-        raise SimulationError(f"unit: {unit!r} is not one of 2th_deg, q_nm^-1, q_A^-1")
-    return np.degrees(2 * np.arcsin(np.clip(q * lam_nm / (4 * np.pi), 0, 1)))
+    from tasks.rietveld import ProfileError, radial_to_two_theta  # noqa: PLC0415
+
+    try:
+        return radial_to_two_theta(radial, unit, wavelength_m)
+    except ProfileError as err:
+        raise SimulationError(f"unit: {err}") from None
 
 
 def simulate_sinogram_cube(path: str | Path, config: SimConfig | None = None, *,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import phantom
 from pipelines.spec import SinogramSpec
 from tasks.reconstruct import circle_mask, fbp, radon
 from tasks.sinogram import (SinogramError, center_sinogram, find_center, process_sinogram,
@@ -15,21 +16,6 @@ from tasks.sinogram import (SinogramError, center_sinogram, find_center, process
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 PYXRDCT = REAL / "pyxrdct_sinograms"
-
-
-def phantom(n, nb=1):
-    """Smooth multi-bin phantom inside 0.45 n of the centre (as in test_reconstruct)."""
-    yy, xx = np.mgrid[:n, :n]
-    c0 = (n - 1) / 2
-    x = (xx - c0) * 128.0 / n
-    y = (c0 - yy) * 128.0 / n
-    out = np.zeros((n, n, nb))
-    for k, (cx, cy, r, v) in enumerate([(10, 5, 30, 1.0), (-20, -15, 12, 2.0),
-                                        (25, -20, 8, 1.5), (-5, 30, 6, 3.0)]):
-        pattern = 1 + 0.5 * np.sin(np.arange(nb) * (k + 1) * 0.3)
-        out += (v * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * (r / 2) ** 2)))[:, :, None] * pattern
-    out[x ** 2 + y ** 2 > (0.45 * 128) ** 2] = 0
-    return out[:, :, 0] if nb == 1 else out
 
 
 def rel_rms(a, ref, mask=None):
