@@ -57,6 +57,8 @@ def _summary(console, product: str, wall: float) -> None:
 
     prov = provenance(product)
     t = Table(title="xrdct product", show_header=False)
+    t.add_column("what", no_wrap=True)
+    t.add_column("value", overflow="fold")
     t.add_row("product", product)
     t.add_row("pipeline", f"{prov.get('pipeline_name')} (schema {prov.get('schema_version')}), "
                           f"code {prov.get('code_version')}")
@@ -138,6 +140,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _quiet() -> None:
+    """Keep the terminal for progress and results: Dask's INFO chatter and zarr's notes on
+    its own string dtype go to the logs, not the screen."""
+    import logging
+    import warnings
+
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
+                 "distributed.worker", "distributed.http.proxy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xrdct", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -145,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     def common(p):
         p.add_argument("--dask-address", default=None, help="attach to this Dask scheduler "
                        "instead of starting a LocalCluster")
-        p.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
+        p.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes "
+                       "(default: one threaded worker using every core)")
         p.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
 
     p = sub.add_parser("process", help="process one scan into a product")
@@ -176,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    _quiet()
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -493,21 +493,35 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
 
 
 class _dask_client:
-    """Context manager: attach to ``address`` or start a LocalCluster (processes)."""
+    """Context manager: attach to the scheduler at ``address``, or start a LocalCluster.
+
+    With ``n_workers`` unset the LocalCluster is one worker process-free (threads, as many
+    as cores): the kernels release the GIL, the integrator is built once and shared, and
+    nothing is pickled. Measured on the demo scan (2 cores): integration 6.8 s on threads
+    against 12.5 s on two worker processes. ``n_workers`` asks for that many worker
+    processes instead (one thread each), for machines with many cores; glibc's
+    ``MALLOC_TRIM_THRESHOLD_`` is raised there, because Dask's default (64 kB) makes
+    numpy's large temporaries page-fault on every allocation.
+    """
 
     def __init__(self, address, n_workers):
         self.address, self.n_workers = address, n_workers
         self.client = self.cluster = None
 
     def __enter__(self):
+        import dask
         from distributed import Client, LocalCluster
 
         if self.address:
             self.client = Client(self.address)
+        elif self.n_workers is None:
+            self.cluster = LocalCluster(n_workers=1, threads_per_worker=os.cpu_count() or 1,
+                                        processes=False, dashboard_address=None, silence_logs=40)
+            self.client = Client(self.cluster)
         else:
-            n = self.n_workers or max(1, min(os.cpu_count() or 1, 8))
-            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, silence_logs=40)
+            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 1 << 30}):
+                self.cluster = LocalCluster(n_workers=self.n_workers, threads_per_worker=1,
+                                            processes=True, dashboard_address=None, silence_logs=40)
             self.client = Client(self.cluster)
         return self.client
 
