@@ -143,3 +143,18 @@ def test_cli_reports_bad_input_clearly(tmp_path):
                         "--no-prefect", "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "nope.nxs" in r.stdout and "not found" in r.stdout
     assert not list(tmp_path.glob("*.zarr"))
+
+
+def test_cli_simulate_writes_a_scan_ingest_reads(tmp_path):
+    from flows.cli import main as xrdct
+    from tasks.ingest import open_scan
+    from tasks.simulate import load_ground_truth
+    from pipelines.spec import InputSpec
+
+    assert xrdct(["simulate", str(tmp_path), "--preset", "small", "--translations", "16",
+                  "--angles", "20", "--seed", "3"]) == 0
+    scan = open_scan(tmp_path / "scan.nxs", InputSpec())
+    g = scan.grid()
+    assert (len(g.angle), len(g.translation)) == (20, 16) and scan.frames.shape[0] == 320
+    gt = load_ground_truth(tmp_path / "scan.nxs")
+    assert gt["config"].seed == 3 and gt["mass"].shape[-2:] == (16, 16)
