@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine,
-                        event, select)
+                        event, inspect, pool, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 
@@ -85,6 +85,92 @@ class Product(Base):
     pipeline_version: Mapped[PipelineVersion] = relationship()
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_PG_LOCK = 0x78726463  # advisory lock id ("xrdc") held while PostgreSQL is migrated
+
+
+def alembic_config(connection=None):
+    """An Alembic :class:`~alembic.config.Config` for the catalog's migrations.
+
+    Parameters
+    ----------
+    connection : sqlalchemy.engine.Connection, optional
+        Open connection the migrations run on (``config.attributes["connection"]``).
+
+    Returns
+    -------
+    alembic.config.Config
+        ``script_location`` is the ``migrations`` folder inside this package.
+    """
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest revision of the catalog schema (``"0001"``, ...)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def _sqlite_pragmas(dbapi_conn) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.close()
+
+
+def upgrade(url: str) -> None:
+    """Bring the catalog database at ``url`` to the newest schema with Alembic.
+
+    Safe against concurrent callers: on SQLite the whole upgrade runs in one
+    ``BEGIN IMMEDIATE`` transaction (a second process waits for it, then finds the schema at
+    head); on PostgreSQL under a transaction-scoped advisory lock. A database made by the
+    pre-Alembic ``create_all`` (every table present, no ``alembic_version``) is stamped at
+    ``0001`` first.
+
+    Parameters
+    ----------
+    url : str
+        SQLAlchemy URL of the catalog.
+    """
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    sqlite = url.startswith("sqlite")
+    engine = create_engine(url, poolclass=pool.NullPool)
+    if sqlite:
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn, _rec):
+            dbapi_conn.isolation_level = None  # SQLAlchemy, not pysqlite, opens transactions
+            _sqlite_pragmas(dbapi_conn)
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    head = head_revision()
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK})")
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current == head:
+                return
+            cfg = alembic_config(conn)
+            if current is None:
+                have = set(inspect(conn).get_table_names())
+                if set(Base.metadata.tables) <= have:
+                    command.stamp(cfg, "0001")
+            command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+
+
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -95,29 +181,48 @@ class Catalog:
     Parameters
     ----------
     url : str
-        SQLAlchemy URL; ``sqlite:///path`` (WAL mode, created on first use) or PostgreSQL.
+        SQLAlchemy URL; ``sqlite:///path`` (WAL mode, 30 s busy timeout, created on first
+        use) or ``postgresql+psycopg://...``. The schema is brought to the newest Alembic
+        revision (:func:`upgrade`) on opening.
     """
 
     def __init__(self, url: str):
         self.url = url
+        upgrade(url)
         self.engine = create_engine(url, future=True)
         if url.startswith("sqlite"):
             @event.listens_for(self.engine, "connect")
             def _wal(dbapi_conn, _rec):
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA busy_timeout=30000")
-                cur.close()
-        Base.metadata.create_all(self.engine)
+                _sqlite_pragmas(dbapi_conn)
+
+    @staticmethod
+    def resolve_url(url: str | None = None, out_dir: str | Path = "xrdct-out") -> str:
+        """The catalog URL: ``url``, else ``XRDCT_CATALOG_URL``, else ``<out_dir>/catalog.sqlite``.
+
+        Parameters
+        ----------
+        url : str, optional
+        out_dir : str or Path
+            Product directory (created when the SQLite default is used).
+
+        Returns
+        -------
+        str
+        """
+        url = url or os.environ.get("XRDCT_CATALOG_URL")
+        if not url:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{Path(out_dir).resolve() / 'catalog.sqlite'}"
+        return url
 
     @classmethod
     def for_products(cls, out_dir: str | Path) -> "Catalog":
         """The catalog named by ``XRDCT_CATALOG_URL``, else ``<out_dir>/catalog.sqlite``."""
-        url = os.environ.get("XRDCT_CATALOG_URL")
-        if not url:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            url = f"sqlite:///{Path(out_dir).resolve() / 'catalog.sqlite'}"
-        return cls(url)
+        return cls(cls.resolve_url(None, out_dir))
+
+    def dispose(self) -> None:
+        """Close the engine's pooled connections."""
+        self.engine.dispose()
 
     def _get_or_add(self, s: Session, model, where: dict, **values):
         obj = s.scalars(select(model).filter_by(**where)).first()
@@ -127,6 +232,55 @@ class Catalog:
             s.flush()
         return obj
 
+    def _scan(self, s: Session, path: str, checksum: str, kind: str, geometry: dict,
+              experiment_id: int | None = None) -> tuple[Scan, bool]:
+        obj = s.scalars(select(Scan).filter_by(checksum=checksum)).first()
+        if obj is not None:
+            return obj, False
+        obj = Scan(path=str(path), checksum=checksum, kind=kind, geometry=dict(geometry or {}),
+                   experiment_id=experiment_id)
+        s.add(obj)
+        s.flush()
+        return obj, True
+
+    def register_scan(self, *, path: str | Path, checksum: str, kind: str = "",
+                      geometry: dict | None = None,
+                      experiment_id: int | None = None) -> tuple[int, bool]:
+        """Record a raw scan; idempotent on its checksum.
+
+        Parameters
+        ----------
+        path : str or Path
+            Raw location of the scan.
+        checksum : str
+            SHA-256 of the scan (of its file, or of the checksums of a table and its images).
+        kind : str
+            ``"frames"``, ``"map"`` or ``"sinogram"``.
+        geometry : dict, optional
+            Scan geometry (frame count, detector shape, grid), JSON-serialisable.
+        experiment_id : int, optional
+
+        Returns
+        -------
+        (int, bool)
+            Row id of the scan, and whether this call added it (False: already known).
+        """
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            with Session(self.engine) as s, s.begin():
+                obj, new = self._scan(s, str(path), checksum, kind, geometry, experiment_id)
+                return obj.id, new
+        except IntegrityError:  # another writer added the same checksum between our read and write
+            with Session(self.engine) as s:
+                obj = s.scalars(select(Scan).filter_by(checksum=checksum)).one()
+                return obj.id, False
+
+    def scans(self) -> list[Scan]:
+        """Every registered scan, oldest first."""
+        with Session(self.engine) as s:
+            return list(s.scalars(select(Scan).order_by(Scan.id)))
+
     def register_product(self, *, product_id: str, location: str, scan_path: str,
                          scan_checksum: str, scan_kind: str, geometry: dict, poni: str | None,
                          calibration: dict, pipeline_name: str, spec: dict, code_version: str,
@@ -134,8 +288,7 @@ class Catalog:
                          flow_run_id: str | None = None) -> None:
         """Record a published product, its scan, calibration, pipeline version and run."""
         with Session(self.engine) as s, s.begin():
-            scan = self._get_or_add(s, Scan, {"checksum": scan_checksum}, path=scan_path,
-                                    kind=scan_kind, geometry=geometry)
+            scan, _ = self._scan(s, scan_path, scan_checksum, scan_kind, geometry)
             cal = self._get_or_add(s, Calibration, {"key": _key(calibration)}, poni_path=poni,
                                    checksums=calibration)
             pv = self._get_or_add(s, PipelineVersion, {"key": _key([spec, code_version])},
@@ -147,14 +300,30 @@ class Catalog:
                       wall_time_s=wall_time_s, timings=timings))
 
     def products(self) -> list[Product]:
+        """Every product, oldest first, with ``scan`` and ``pipeline_version`` loaded."""
+        from sqlalchemy.orm import selectinload
+
         with Session(self.engine) as s:
-            return list(s.scalars(select(Product).order_by(Product.created)))
+            q = (select(Product).options(selectinload(Product.scan),
+                                         selectinload(Product.pipeline_version))
+                 .order_by(Product.created))
+            return list(s.scalars(q))
 
     def product(self, product_id: str) -> Product | None:
+        """One product (``scan`` and ``pipeline_version`` loaded), or None."""
+        from sqlalchemy.orm import selectinload
+
         with Session(self.engine) as s:
-            return s.get(Product, product_id)
+            return s.get(Product, product_id, options=[selectinload(Product.scan),
+                                                      selectinload(Product.pipeline_version)])
+
+    def calibration(self, calibration_id: int) -> Calibration | None:
+        """One calibration row, or None."""
+        with Session(self.engine) as s:
+            return s.get(Calibration, calibration_id)
 
     def runs(self, product_id: str | None = None) -> list[Run]:
+        """Runs, of one product or of all."""
         with Session(self.engine) as s:
             q = select(Run)
             if product_id:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the catalog schema (applied by :class:`catalog.db.Catalog`)."""
