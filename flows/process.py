@@ -381,7 +381,36 @@ def stage_publish(req: Request, started: float, stage_info: dict) -> str:
     if png.exists():
         os.replace(png, final.with_suffix(".png"))
     _register(req, final, stage_info, time.perf_counter() - started)
+    _summary_artifact(req, final)
     return str(final)
+
+
+def summary_markdown(product: str | Path) -> str:
+    """A markdown summary of a product: inputs, stage timings, centre, fit quality."""
+    prov = store.provenance(product)
+    rows = [("product", f"`{product}`"), ("pipeline", f"{prov.get('pipeline_name')} "
+            f"(schema {prov.get('schema_version')}, code {prov.get('code_version')})"),
+            ("scan", f"`{prov.get('inputs', {}).get('scan')}`")]
+    rows += [(f"time: {k}", f"{v:.2f} s") for k, v in prov.get("timings_s", {}).items()]
+    sino = prov.get("stages", {}).get("sinogram")
+    if sino:
+        rows.append(("centre of rotation", ", ".join(f"{c:.2f} px" for c in sino["center_px"])))
+    fit = prov.get("fit_summary")
+    if fit:
+        rows.append(("median Rwp", f"{fit['median_rwp']:.4f}"))
+        rows += [(f"mean weight fraction {n}", f"{w:.3f}") for n, w in fit["mean_weight_fraction"].items()]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+
+
+def _summary_artifact(req: Request, final: Path) -> None:
+    """Inside a Prefect flow run: a markdown artifact (the UI's Artifacts tab) keyed by
+    product id. Outside one: nothing."""
+    if _flow_run_id() is None:
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=summary_markdown(final), key=f"xrdct-{req.product_id}",
+                             description=f"xrdct product {req.product_id}")
 
 
 def _flow_run_id() -> str | None:

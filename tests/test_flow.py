@@ -121,10 +121,20 @@ def test_flow_runs_under_prefect_test_harness(small_scan, tmp_path):
     with prefect_test_harness(server_startup_timeout=120):
         path = get_flow()(scan=str(small_scan.nexus_path), poni=str(small_scan.poni_path),
                           pipeline="demo", out=str(tmp_path), n_workers=1)
+        import httpx
+        from prefect.settings import PREFECT_API_URL
+
+        # the artifact as the UI reads it, through the REST API
+        r = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter",
+                       json={"limit": 50, "offset": 0, "sort": "CREATED_DESC"}, timeout=30)
+        r.raise_for_status()
+        arts = [a for a in r.json() if (a.get("key") or "").startswith("xrdct-")]
     ds = store.open_product(path)
     assert ds["weight_fraction"].shape[1] == 3
     runs = Catalog.for_products(tmp_path).runs()
     assert len(runs) == 1 and runs[0].flow_run_id  # registered with its Prefect flow-run id
+    assert len(arts) == 1 and store.provenance(path)["product_id"] in arts[0]["key"]
+    assert "median Rwp" in arts[0]["data"] and str(runs[0].flow_run_id) == str(arts[0]["flow_run_id"])
 
 
 def test_cli_demo_end_to_end(tmp_path):
