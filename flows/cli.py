@@ -1,4 +1,4 @@
-"""The ``xrdct`` command line: ``process``, ``simulate``, ``demo``.
+"""The ``xrdct`` command line: ``process``, ``simulate``, ``demo``, ``catalog``.
 
 Every command runs the Prefect flow ``process_scan`` (ephemeral Prefect API when no server
 is configured) on a local Dask cluster, shows progress bars for long stages and ends with a
@@ -140,6 +140,92 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _open_catalog(args):
+    from catalog.db import Catalog
+
+    return Catalog(Catalog.resolve_url(args.url, args.out))
+
+
+def _fmt_time(t) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S") if t is not None else ""
+
+
+def cmd_catalog_list(args) -> int:
+    """Table of the catalog's products: id, scan path, pipeline name, created."""
+    from rich.table import Table
+
+    cat = _open_catalog(args)
+    rows = cat.products()
+    t = Table(title=f"xrdct catalog: {len(rows)} product(s)")
+    t.add_column("id", no_wrap=True)
+    for col in ("scan", "pipeline", "created"):
+        t.add_column(col, overflow="fold")
+    for p in rows:
+        t.add_row(p.id, p.scan.path if p.scan else "", p.pipeline_version.name
+                  if p.pipeline_version else "", _fmt_time(p.created))
+    _console().print(t)
+    cat.dispose()
+    return 0
+
+
+def cmd_catalog_show(args) -> int:
+    """One product with its scan, calibration, pipeline version and runs."""
+    import json
+
+    from rich.table import Table
+
+    cat = _open_catalog(args)
+    p = cat.product(args.product_id)
+    if p is None:
+        cat.dispose()
+        raise ValueError(f"product {args.product_id!r} is not in the catalog {cat.url}")
+    cal = cat.calibration(p.calibration_id)
+    t = Table(title=f"product {p.id}", show_header=False)
+    t.add_column("what", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    t.add_row("product", p.id)
+    t.add_row("location", p.location)
+    t.add_row("created", _fmt_time(p.created))
+    t.add_row("scan", f"#{p.scan.id} {p.scan.path}")
+    t.add_row("scan checksum", p.scan.checksum)
+    t.add_row("scan kind", p.scan.kind)
+    t.add_row("scan geometry", json.dumps(p.scan.geometry, sort_keys=True))
+    if cal is not None:
+        t.add_row("calibration", f"#{cal.id} {cal.poni_path or '(no PONI)'}")
+        for role, sha in sorted(cal.checksums.items()):
+            t.add_row(f"  {role}", sha)
+    pv = p.pipeline_version
+    t.add_row("pipeline", f"#{pv.id} {pv.name}, code {pv.code_version}")
+    for role, sha in sorted(p.inputs.items()):
+        t.add_row(f"input {role}", sha)
+    for r in cat.runs(p.id):
+        wall = f"{r.wall_time_s:.2f} s" if r.wall_time_s is not None else "-"
+        t.add_row(f"run #{r.id}", f"{r.status}, {wall}, finished {_fmt_time(r.finished)}, "
+                                  f"flow run {r.flow_run_id or '-'}")
+    _console().print(t)
+    cat.dispose()
+    return 0
+
+
+def cmd_catalog_add(args) -> int:
+    """Register scan files, or every scan of a directory; report what was skipped and why."""
+    from catalog.scans import add_scans
+
+    console = _console()
+    cat = _open_catalog(args)
+    rep = add_scans(cat, args.paths, recursive=args.recursive)
+    for sid, path in rep.added:
+        console.print(f"added   scan #{sid} {path}", highlight=False)
+    for sid, path in rep.known:
+        console.print(f"known   scan #{sid} {path}", highlight=False)
+    for path, why in rep.skipped:
+        console.print(f"skipped {path}: {why}", highlight=False)
+    console.print(f"{len(rep.added)} added, {len(rep.known)} already registered, "
+                  f"{len(rep.skipped)} skipped (catalog {cat.url})", highlight=False)
+    cat.dispose()
+    return 0
+
+
 def _quiet() -> None:
     """Keep the terminal for progress and results: Dask's INFO chatter and zarr's notes on
     its own string dtype go to the logs, not the screen."""
@@ -188,6 +274,29 @@ def main(argv: list[str] | None = None) -> int:
     sim_args(p)
     common(p)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("catalog", help="the experiment catalog: list, show, add")
+    csub = p.add_subparsers(dest="catalog_cmd", required=True)
+
+    def where(p):
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--out", default="xrdct-out", help="product directory whose "
+                       "catalog.sqlite is used (default xrdct-out; XRDCT_CATALOG_URL wins)")
+        g.add_argument("--url", default=None, help="SQLAlchemy URL of the catalog "
+                       "(default: XRDCT_CATALOG_URL, else <out>/catalog.sqlite)")
+
+    c = csub.add_parser("list", help="table of products")
+    where(c)
+    c.set_defaults(fn=cmd_catalog_list)
+    c = csub.add_parser("show", help="one product: scan, calibration, pipeline version, runs")
+    c.add_argument("product_id")
+    where(c)
+    c.set_defaults(fn=cmd_catalog_show)
+    c = csub.add_parser("add", help="register scan files or every scan in a directory")
+    c.add_argument("paths", nargs="+", metavar="SCAN_OR_DIR")
+    c.add_argument("--recursive", "-r", action="store_true", help="walk sub-directories")
+    where(c)
+    c.set_defaults(fn=cmd_catalog_add)
 
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
