@@ -41,6 +41,7 @@ import warnings
 
 import numpy as np
 
+from tasks._checks import angles_array, sinogram_array
 from tasks._xp import get_xp, to_numpy
 
 __all__ = ["ReconstructionError", "fbp", "radon", "ramp_filter", "filter_sinogram",
@@ -64,26 +65,11 @@ class ReconstructionError(ValueError):
 # --------------------------------------------------------------------------------------
 
 def _as_sino(sino, name="sino"):
-    xp = get_xp(sino)
-    a = xp.asarray(sino)
-    if a.ndim not in (2, 3):
-        raise ReconstructionError(
-            f"{name}: expected a (angle, translation) or (angle, translation, radial) array, "
-            f"got shape {tuple(a.shape)}")
-    if a.shape[0] < 2 or a.shape[1] < 2:
-        raise ReconstructionError(f"{name}: need at least 2 angles and 2 translations, got shape "
-                                  f"{tuple(a.shape)}")
-    return a
+    return sinogram_array(sino, ReconstructionError, name=name, min_angles=2)
 
 
 def _as_angles(angles_deg, n_angle, name="angles_deg"):
-    ang = np.asarray(to_numpy(angles_deg), dtype=np.float64).ravel()
-    if ang.size != n_angle:
-        raise ReconstructionError(f"{name}: expected {n_angle} angles (one per sinogram row), "
-                                  f"got {ang.size}")
-    if not np.all(np.isfinite(ang)):
-        raise ReconstructionError(f"{name}: angles must be finite (degrees)")
-    return ang
+    return angles_array(angles_deg, n_angle, ReconstructionError, name=name)
 
 
 def _center(center, n):

@@ -34,6 +34,7 @@ import warnings
 
 import numpy as np
 
+from tasks._checks import angles_array, sinogram_array
 from tasks._xp import get_xp, to_numpy
 
 __all__ = ["SinogramError", "scale_per_angle", "remove_air_scatter", "find_center",
@@ -45,25 +46,11 @@ class SinogramError(ValueError):
 
 
 def _check_sino(sino, name="sino", ndims=(2, 3)):
-    xp = get_xp(sino)
-    a = xp.asarray(sino)
-    if a.ndim not in ndims:
-        want = " or ".join({2: "(angle, translation)", 3: "(angle, translation, radial)"}[d]
-                           for d in ndims)
-        raise SinogramError(f"{name}: expected a {want} array, got shape {tuple(a.shape)}")
-    if a.shape[0] < 1 or a.shape[1] < 2:
-        raise SinogramError(f"{name}: needs at least 1 angle and 2 translation columns, got "
-                            f"shape {tuple(a.shape)}")
-    return a
+    return sinogram_array(sino, SinogramError, name=name, ndims=ndims, min_angles=1)
 
 
 def _check_angles(angles_deg, n_angle, name="angles_deg"):
-    ang = np.asarray(to_numpy(angles_deg), dtype=np.float64).ravel()
-    if ang.size != n_angle:
-        raise SinogramError(f"{name}: expected {n_angle} angles (one per sinogram row), got {ang.size}")
-    if not np.all(np.isfinite(ang)):
-        raise SinogramError(f"{name}: angles must be finite (degrees)")
-    return ang
+    return angles_array(angles_deg, n_angle, SinogramError, name=name)
 
 
 # --------------------------------------------------------------------------------------

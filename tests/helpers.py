@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+PYXRDCT = REAL / "pyxrdct_sinograms"
 
 
 def phantom(n, nb=1):
@@ -19,3 +25,23 @@ def phantom(n, nb=1):
         out += (v * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * (r / 2) ** 2)))[:, :, None] * pattern
     out[x ** 2 + y ** 2 > (0.45 * 128) ** 2] = 0
     return out[:, :, 0] if nb == 1 else out
+
+
+def pyxrdct_sinograms():
+    """The two real PyXRDCT (ESRF ID11) sinograms as (180 angles, 708 translations)
+    float32 arrays; skips the calling test when ../shared/data/real is absent.
+
+    The files hold a (708 translations, 180 angles) dataset ``data/sinogram_00000`` and
+    no angle list (180 evenly spaced angles over 0-180 deg are assumed by the tests)."""
+    h5py = pytest.importorskip("h5py")
+    files = sorted(PYXRDCT.glob("*.hdf5")) if PYXRDCT.is_dir() else []
+    if len(files) < 2:
+        pytest.skip(f"real data not available: {PYXRDCT} (../shared/data/real beside the "
+                    "project) is absent")
+    out = []
+    for f in files:
+        with h5py.File(f, "r") as h:
+            d = h["data/sinogram_00000"]
+            assert d.shape == (708, 180), f"{f}: data/sinogram_00000 has shape {d.shape}"
+            out.append(np.ascontiguousarray(d[()].T, dtype=np.float32))
+    return out

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import phantom
+from helpers import phantom, pyxrdct_sinograms
 from tasks.reconstruct import (ReconstructionError, angle_weights, circle_mask, fbp, radon,
                                ramp_filter)
 
 astra = pytest.importorskip("astra", reason="astra-toolbox is the reference FBP (pip install astra-toolbox)")
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
-PYXRDCT = REAL / "pyxrdct_sinograms"
 FILTERS = ["ramp", "shepp-logan", "hann"]
 ASTRA_FILTER = {"ramp": "ram-lak", "shepp-logan": "shepp-logan", "hann": "hann"}
 
@@ -63,18 +60,7 @@ def real_sinograms():
     projection of image1 then follows a sinusoid to 0.02 px rms). The FBP comparison does
     not depend on that choice: ours and astra get the same angles.
     """
-    h5py = pytest.importorskip("h5py")
-    files = sorted(PYXRDCT.glob("*.hdf5")) if PYXRDCT.is_dir() else []
-    if len(files) < 2:
-        pytest.skip(f"real data not available: {PYXRDCT} (../shared/data/real beside the "
-                    "project) is absent")
-    out = []
-    for f in files:
-        with h5py.File(f, "r") as h:
-            d = h["data/sinogram_00000"]
-            assert d.shape == (708, 180), f"{f}: data/sinogram_00000 has shape {d.shape}"
-            out.append(np.ascontiguousarray(d[()].T, dtype=np.float32))
-    return out, np.linspace(0.0, 180.0, 180)
+    return pyxrdct_sinograms(), np.linspace(0.0, 180.0, 180)
 
 
 @pytest.fixture(scope="module")

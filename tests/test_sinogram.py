@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import phantom
+from helpers import phantom, pyxrdct_sinograms
 from pipelines.spec import SinogramSpec
 from tasks.reconstruct import circle_mask, fbp, radon
 from tasks.sinogram import (SinogramError, center_sinogram, find_center, process_sinogram,
                             remove_air_scatter, scale_per_angle, shift_sinogram)
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
-PYXRDCT = REAL / "pyxrdct_sinograms"
 
 
 def rel_rms(a, ref, mask=None):
@@ -172,21 +169,10 @@ def test_find_center_errors_and_warnings():
 
 @pytest.fixture(scope="module")
 def real():
-    h5py = pytest.importorskip("h5py")
-    files = sorted(PYXRDCT.glob("*.hdf5")) if PYXRDCT.is_dir() else []
-    if len(files) < 2:
-        pytest.skip(f"real data not available: {PYXRDCT} (../shared/data/real beside the "
-                    "project) is absent")
-    out = []
-    for f in files:
-        with h5py.File(f, "r") as h:
-            d = h["data/sinogram_00000"]            # (708 translations, 180 angles)
-            assert d.shape == (708, 180), f"{f}: data/sinogram_00000 has shape {d.shape}"
-            out.append(np.ascontiguousarray(d[()].T, dtype=np.float32))
     # no angles in the files: 180 evenly spaced over 0-180 deg (the end point is the
     # mirror of the first projection for image1, whose centroids then follow a sinusoid to
     # 0.02 px rms)
-    return out, np.linspace(0.0, 180.0, 180)
+    return pyxrdct_sinograms(), np.linspace(0.0, 180.0, 180)
 
 
 @pytest.mark.real
