@@ -102,9 +102,11 @@ def alembic_config(connection=None):
     alembic.config.Config
         ``script_location`` is the ``migrations`` folder inside this package.
     """
+    import sys
+
     from alembic.config import Config
 
-    cfg = Config()
+    cfg = Config(stdout=sys.stdout)  # the stdout of now, not of import time
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
         cfg.attributes["connection"] = connection
