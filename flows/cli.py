@@ -146,6 +146,15 @@ def _open_catalog(args):
     return Catalog(Catalog.resolve_url(args.url, args.out))
 
 
+def _wide_console():
+    """Console for tables of ids and checksums: piped output is not folded at 80 columns,
+    so ids and checksums stay greppable."""
+    console = _console()
+    if not console.is_terminal:
+        console.width = max(console.width, 200)
+    return console
+
+
 def _fmt_time(t) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S") if t is not None else ""
 
@@ -163,7 +172,7 @@ def cmd_catalog_list(args) -> int:
     for p in rows:
         t.add_row(p.id, p.scan.path if p.scan else "", p.pipeline_version.name
                   if p.pipeline_version else "", _fmt_time(p.created))
-    _console().print(t)
+    _wide_console().print(t)
     cat.dispose()
     return 0
 
@@ -202,7 +211,7 @@ def cmd_catalog_show(args) -> int:
         wall = f"{r.wall_time_s:.2f} s" if r.wall_time_s is not None else "-"
         t.add_row(f"run #{r.id}", f"{r.status}, {wall}, finished {_fmt_time(r.finished)}, "
                                   f"flow run {r.flow_run_id or '-'}")
-    _console().print(t)
+    _wide_console().print(t)
     cat.dispose()
     return 0
 
@@ -211,7 +220,7 @@ def cmd_catalog_add(args) -> int:
     """Register scan files, or every scan of a directory; report what was skipped and why."""
     from catalog.scans import add_scans
 
-    console = _console()
+    console = _wide_console()
     cat = _open_catalog(args)
     rep = add_scans(cat, args.paths, recursive=args.recursive)
     for sid, path in rep.added:
