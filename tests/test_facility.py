@@ -1,0 +1,90 @@
+"""Facility flows under a real (test-harness) Prefect server: reprocessing archived scans
+from a catalog query, and scheduled discovery of new scans."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import yaml
+
+from catalog.db import Catalog
+from flows.process import run_pipeline
+from tasks import store
+from tasks.simulate import preset, simulate_scan
+
+TINY = {"n_translations": 12, "n_angles": 12, "noise": False, "hot_spots": 0}
+
+
+def _spec(tmp_path, name, npt):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"schema_version": 1, "name": name,
+                                 "integration": {"unit": "q_nm^-1", "npt": npt},
+                                 "sinogram": {"air_columns": 1}}))
+    return str(p)
+
+
+def _tree_digest(path):
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_reprocess_twenty_archived_scans(tmp_path, harness):
+    from flows.facility import ReprocessQuery, reprocess
+
+    out = tmp_path / "products"
+    old_spec, new_spec = _spec(tmp_path, "beamtime", 200), _spec(tmp_path, "improved", 240)
+    old = []
+    for k in range(20):  # the archive: 20 scans processed with the beamtime's spec
+        sim = simulate_scan(tmp_path / f"scan{k:02d}", preset("small").model_copy(update={**TINY, "seed": k}))
+        old.append(run_pipeline(sim.nexus_path, poni=sim.poni_path, pipeline=old_spec, out=out))
+    before = {p: _tree_digest(store.published_path(out, store.provenance(p)["product_id"])) for p in old}
+
+    r1 = reprocess(query=ReprocessQuery(pipeline_name="beamtime"), pipeline=new_spec, out=str(out))
+    assert len(r1["new"]) == 20 and r1["existing"] == []
+    assert set(r1["new"]).isdisjoint(old)
+    for p in r1["new"]:
+        ds = store.open_product(p)
+        assert ds.sizes["radial"] == 240 and store.provenance(p)["pipeline_name"] == "improved"
+    for p, digest in before.items():  # the old products are untouched, byte for byte
+        assert _tree_digest(store.published_path(out, store.provenance(p)["product_id"])) == digest
+    cat = Catalog.for_products(out)
+    assert len(cat.products()) == 40 and len(cat.scans()) == 20
+
+    r2 = reprocess(query=ReprocessQuery(pipeline_name="beamtime"), pipeline=new_spec, out=str(out))
+    assert r2["new"] == [] and sorted(r2["existing"]) == sorted(r1["new"])
+    assert len(Catalog.for_products(out).products()) == 40  # nothing was created
+
+
+def test_discover_and_process_new_scans_only(tmp_path, harness):
+    from flows.facility import discover_and_process
+
+    root, out = tmp_path / "incoming", tmp_path / "products"
+    spec = _spec(tmp_path, "online", 150)
+    poni = None
+    for k in range(2):
+        sim = simulate_scan(root / f"s{k}", preset("small").model_copy(update={**TINY, "seed": 100 + k}))
+        poni = str(sim.poni_path)
+    (root / "notes.nxs").write_text("not a scan")
+
+    r1 = discover_and_process(root=str(root), pipeline=spec, poni=poni, out=str(out))
+    assert len(r1["new"]) == 2 and r1["existing"] == []
+    assert [p for p, _ in r1["skipped"]] == [str(root / "notes.nxs")]
+    r2 = discover_and_process(root=str(root), pipeline=spec, poni=poni, out=str(out))
+    assert r2["new"] == [] and len(r2["existing"]) == 2
+    simulate_scan(root / "s2", preset("small").model_copy(update={**TINY, "seed": 102}))
+    r3 = discover_and_process(root=str(root), pipeline=spec, poni=poni, out=str(out))
+    assert len(r3["new"]) == 1 and len(r3["existing"]) == 2
+    assert len(Catalog.for_products(out).products()) == 3
