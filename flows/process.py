@@ -13,11 +13,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 from flows import progress
-from pipelines.spec import PipelineSpec, SpecError, load_spec, parse_spec
+from pipelines.spec import PIPELINES_DIR, PipelineSpec, SpecError, load_spec, parse_spec
 from tasks import store
 
 
@@ -446,6 +448,11 @@ def _timings(work) -> dict:
 
 # ----------------------------------------------------------------------------- Prefect
 
+# The Prefect UI draws a dropdown of the shipped specs (a JSON-schema enum); the API and the
+# CLI also take a YAML path (the enum is not enforced by validation).
+Pipeline = Annotated[str, Field(json_schema_extra={"enum": sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))},
+                                description="pipeline spec: a shipped name or a YAML path")]
+
 def _prefect():
     from prefect import flow, task
 
@@ -463,7 +470,7 @@ def _build_flow():
     t_publish = task(name="publish")(stage_publish)
 
     @flow(name="process_scan", log_prints=True)
-    def process_scan(scan: str, poni: str | None = None, pipeline: str = "default",
+    def process_scan(scan: str, poni: str | None = None, pipeline: Pipeline = "default",
                      out: str = "xrdct-out", dask_address: str | None = None,
                      n_workers: int | None = None) -> str:
         """Process one XRD-CT scan into a chemical-image product (Zarr v3).

@@ -88,3 +88,18 @@ def test_discover_and_process_new_scans_only(tmp_path, harness):
     r3 = discover_and_process(root=str(root), pipeline=spec, poni=poni, out=str(out))
     assert len(r3["new"]) == 1 and len(r3["existing"]) == 2
     assert len(Catalog.for_products(out).products()) == 3
+
+
+def test_ui_forms_offer_the_shipped_pipelines():
+    """The Prefect UI builds its Run form from each flow's parameter schema: the pipeline is
+    a dropdown of the shipped specs, the reprocess query a form of its fields."""
+    from flows.facility import discover_and_process, process_scan, reprocess
+    from pipelines.spec import PIPELINES_DIR
+
+    shipped = sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
+    assert {"default", "demo", "battery", "catalyst"} <= set(shipped)
+    for fl in (process_scan, reprocess, discover_and_process):
+        schema = fl.parameters.model_dump()
+        assert schema["properties"]["pipeline"]["enum"] == shipped, fl.name
+    q = reprocess.parameters.model_dump()["definitions"]["ReprocessQuery"]["properties"]
+    assert {"scan_path_contains", "pipeline_name", "created_before", "created_after"} <= set(q)
