@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.db import Catalog
-from flows.process import Pipeline, get_flow, make_request
+from flows.process import Pipeline, get_flow, make_request, resolved_annotations
 
 process_scan = get_flow()
 
@@ -86,6 +86,7 @@ def _process_all(scans: list[tuple[str, str | None]], pipeline: str, out: str,
 
 
 @flow(name="reprocess", log_prints=True)
+@resolved_annotations
 def reprocess(query: ReprocessQuery = ReprocessQuery(), pipeline: Pipeline = "default",
               out: str = "xrdct-out", poni: str | None = None) -> dict:
     """Reprocess archived scans selected from the catalog with ``pipeline``.
@@ -111,6 +112,7 @@ def reprocess(query: ReprocessQuery = ReprocessQuery(), pipeline: Pipeline = "de
 
 
 @flow(name="discover_and_process", log_prints=True)
+@resolved_annotations
 def discover_and_process(root: str, pipeline: Pipeline = "default", poni: str | None = None,
                          out: str = "xrdct-out", pattern: str = "*.nxs",
                          recursive: bool = True) -> dict:

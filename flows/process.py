@@ -406,13 +406,23 @@ def summary_markdown(product: str | Path) -> str:
 
 def _summary_artifact(req: Request, final: Path) -> None:
     """Inside a Prefect flow run: a markdown artifact (the UI's Artifacts tab) keyed by
-    product id. Outside one: nothing."""
+    product id, and, when ``XRDCT_PRODUCTS_URL`` names the URL under which a file server
+    publishes the product directory (infra/compose.yaml has one), an image artifact of the
+    overview PNG (Prefect image artifacts are URLs). Outside a flow run: nothing."""
     if _flow_run_id() is None:
         return
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(markdown=summary_markdown(final), key=f"xrdct-{req.product_id}",
                              description=f"xrdct product {req.product_id}")
+    base = os.environ.get("XRDCT_PRODUCTS_URL")  # where a file server publishes <out>
+    png = final.with_suffix(".png")
+    if base and png.exists():
+        from prefect.artifacts import create_image_artifact
+
+        create_image_artifact(image_url=f"{base.rstrip('/')}/{png.name}",
+                              key=f"xrdct-{req.product_id}-overview",
+                              description="overview: sinogram, reconstruction, phase maps")
 
 
 def _flow_run_id() -> str | None:
@@ -453,6 +463,16 @@ def _timings(work) -> dict:
 Pipeline = Annotated[str, Field(json_schema_extra={"enum": sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))},
                                 description="pipeline spec: a shipped name or a YAML path")]
 
+def resolved_annotations(fn):
+    """Replace the string annotations of ``fn`` (this package uses ``from __future__ import
+    annotations``) by the objects they name, so that Prefect's parameter model, built where
+    a deployment runs the flow, finds ``Pipeline`` and the pydantic parameter models."""
+    import typing
+
+    fn.__annotations__ = typing.get_type_hints(fn, include_extras=True)
+    return fn
+
+
 def _prefect():
     from prefect import flow, task
 
@@ -470,6 +490,7 @@ def _build_flow():
     t_publish = task(name="publish")(stage_publish)
 
     @flow(name="process_scan", log_prints=True)
+    @resolved_annotations
     def process_scan(scan: str, poni: str | None = None, pipeline: Pipeline = "default",
                      out: str = "xrdct-out", dask_address: str | None = None,
                      n_workers: int | None = None) -> str:
@@ -529,7 +550,8 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
 
 
 class _dask_client:
-    """Context manager: attach to the scheduler at ``address``, or start a LocalCluster.
+    """Context manager: attach to the scheduler at ``address`` (or ``XRDCT_DASK_ADDRESS``),
+    or start a LocalCluster.
 
     With ``n_workers`` unset the LocalCluster is one worker process-free (threads, as many
     as cores): the kernels release the GIL, the integrator is built once and shared, and
@@ -541,7 +563,9 @@ class _dask_client:
     """
 
     def __init__(self, address, n_workers):
-        self.address, self.n_workers = address, n_workers
+        # a facility worker names its cluster once, for every flow it runs
+        self.address = address or os.environ.get("XRDCT_DASK_ADDRESS") or None
+        self.n_workers = n_workers
         self.client = self.cluster = None
 
     def __enter__(self):
