@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +41,8 @@ class Request:
     product_id: str = ""
     inputs: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    # One work store per attempt: concurrent requests for the same product never share one.
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
     def spec(self) -> PipelineSpec:
@@ -49,7 +53,7 @@ class Request:
 
     @property
     def work(self) -> Path:
-        return store.work_path(self.out, self.product_id)
+        return store.work_path(self.out, f"{self.product_id}.{self.attempt}")
 
     @property
     def final(self) -> Path:
@@ -379,7 +383,14 @@ def stage_publish(req: Request, started: float, stage_info: dict) -> str:
         from tasks.plots import overview_png
 
         overview_png(req.work, png)
-    final = store.publish(req.work, req.final)
+    try:
+        final = store.publish(req.work, req.final)
+    except store.ProductExistsError:
+        # a concurrent request for the same content address published first: same inputs,
+        # same spec, same code, so the same product; drop this attempt and return that one
+        shutil.rmtree(req.work, ignore_errors=True)
+        png.unlink(missing_ok=True)
+        return str(req.final)
     if png.exists():
         os.replace(png, final.with_suffix(".png"))
     _register(req, final, stage_info, time.perf_counter() - started)
@@ -531,10 +542,6 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
     if req.final.exists():
         return str(req.final)
     spec = req.spec
-    if req.work.exists():  # a previous attempt died: start this product's work store afresh
-        import shutil
-
-        shutil.rmtree(req.work)
     req.work.parent.mkdir(parents=True, exist_ok=True)
     info = {}
     with _dask_client(dask_address, n_workers):

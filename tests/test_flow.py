@@ -168,3 +168,25 @@ def test_cli_simulate_writes_a_scan_ingest_reads(tmp_path):
     assert (len(g.angle), len(g.translation)) == (20, 16) and scan.frames.shape[0] == 320
     gt = load_ground_truth(tmp_path / "scan.nxs")
     assert gt["config"].seed == 3 and gt["mass"].shape[-2:] == (16, 16)
+
+
+def test_concurrent_requests_for_one_product_make_one(small_scan, tmp_path):
+    """Two attempts at the same content address race to publish: each builds in its own
+    work store, the first rename wins, the second returns the published product and removes
+    its work store; nothing is overwritten."""
+    from flows.process import (stage_ingest, stage_integrate, stage_mapping, stage_publish,
+                               stage_reconstruct, stage_sinogram)
+
+    reqs = [make_request(small_scan.nexus_path, "demo", small_scan.poni_path, tmp_path) for _ in range(2)]
+    assert reqs[0].product_id == reqs[1].product_id and reqs[0].work != reqs[1].work
+    for r in reqs:
+        r.work.parent.mkdir(parents=True, exist_ok=True)
+        for stage in (stage_ingest, stage_integrate, stage_sinogram, stage_reconstruct, stage_mapping):
+            stage(r)
+    first = stage_publish(reqs[0], 0.0, {})
+    digest = (store.published_path(tmp_path, reqs[0].product_id) / "zarr.json").read_bytes()
+    second = stage_publish(reqs[1], 0.0, {})
+    assert first == second == str(reqs[0].final)
+    assert not reqs[1].work.exists() and not any((tmp_path / ".work").iterdir())
+    assert (store.published_path(tmp_path, reqs[0].product_id) / "zarr.json").read_bytes() == digest
+    assert len(Catalog.for_products(tmp_path).products()) == 1
