@@ -193,22 +193,17 @@ def stage_integrate(req: Request) -> dict:
         sig = sigma[idx]
         radial_c = ("radial", np.asarray(radial, float), {"unit": unit, "units": unit,
                                                           "wavelength_m": wavelength})
-        if scan.kind == "map":
-            dims = ("z", "y", "x", "radial")
-            name = "volume"
-            coords = {"z": ("z", np.asarray(g.z, float), {"units": "mm"}),
-                      "y": ("y", np.asarray(g.angle, float), {"units": "mm"}),
-                      "x": ("x", np.asarray(g.translation, float), {"units": "mm"}),
-                      "radial": radial_c}
-            long = "integrated intensity of a raster map (no reconstruction)"
-        else:
-            dims = ("z", "angle", "translation", "radial")
-            name = "patterns"
-            coords = {"z": ("z", np.asarray(g.z, float), {"units": "mm"}),
-                      "angle": ("angle", np.asarray(g.angle, float), {"units": "deg"}),
-                      "translation": ("translation", np.asarray(g.translation, float), {"units": "mm"}),
-                      "radial": radial_c}
-            long = "integrated intensity"
+        # a raster map has no rotation: its grid's two axes are y and x, and its patterns
+        # are already the "volume" that mapping reads
+        is_map = scan.kind == "map"
+        d1, d2 = ("y", "x") if is_map else ("angle", "translation")
+        dims = ("z", d1, d2, "radial")
+        name = "volume" if is_map else "patterns"
+        coords = {"z": ("z", np.asarray(g.z, float), {"units": "mm"}),
+                  d1: (d1, np.asarray(g.angle, float), {"units": "mm" if is_map else "deg"}),
+                  d2: (d2, np.asarray(g.translation, float), {"units": "mm"}),
+                  "radial": radial_c}
+        long = "integrated intensity" + (" of a raster map (no reconstruction)" if is_map else "")
         ds = xr.Dataset({name: (dims, pat.astype(np.float32), {"long_name": long, "units": "counts / monitor"}),
                          f"{name}_sigma": (dims, sig.astype(np.float32),
                                            {"long_name": "standard error (Poisson)", "units": "counts / monitor"})},
