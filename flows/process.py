@@ -407,7 +407,7 @@ def summary_markdown(product: str | Path) -> str:
     if fit:
         rows.append(("median Rwp", f"{fit['median_rwp']:.4f}"))
         rows += [(f"mean weight fraction {n}", f"{w:.3f}") for n, w in fit["mean_weight_fraction"].items()]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    return "| field | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
 
 
 def _summary_artifact(req: Request, final: Path) -> None:
