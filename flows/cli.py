@@ -53,27 +53,14 @@ class _Bars:
 def _summary(console, product: str, wall: float) -> None:
     from rich.table import Table
 
-    from tasks.store import provenance
+    from flows.process import summary_rows
 
-    prov = provenance(product)
     t = Table(title="xrdct product", show_header=False)
     t.add_column("what", no_wrap=True)
     t.add_column("value", overflow="fold")
-    t.add_row("product", product)
-    t.add_row("pipeline", f"{prov.get('pipeline_name')} (schema {prov.get('schema_version')}), "
-                          f"code {prov.get('code_version')}")
-    for k, v in prov.get("timings_s", {}).items():
-        t.add_row(f"time: {k}", f"{v:.2f} s")
+    for k, v in summary_rows(product):
+        t.add_row(k, v)
     t.add_row("time: total (wall)", f"{wall:.2f} s")
-    stages = prov.get("stages", {})
-    if "sinogram" in stages:
-        c = stages["sinogram"].get("center_px")
-        t.add_row("centre of rotation", ", ".join(f"{x:.2f} px" for x in c))
-    fit = prov.get("fit_summary")
-    if fit:
-        t.add_row("median Rwp", f"{fit['median_rwp']:.4f}")
-        for name, w in fit["mean_weight_fraction"].items():
-            t.add_row(f"mean weight fraction {name}", f"{w:.3f}")
     png = Path(product).with_suffix(".png")
     if png.exists():
         t.add_row("overview", str(png))

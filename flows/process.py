@@ -393,12 +393,14 @@ def stage_publish(req: Request, started: float, stage_info: dict) -> str:
     return str(final)
 
 
-def summary_markdown(product: str | Path) -> str:
-    """A markdown summary of a product: inputs, stage timings, centre, fit quality."""
+def summary_rows(product: str | Path) -> list[tuple[str, str]]:
+    """(field, value) rows summarising a product: inputs, stage timings, centre of rotation,
+    fit quality. Shared by the CLI's summary table and the UI's markdown artifact."""
     prov = store.provenance(product)
-    rows = [("product", f"`{product}`"), ("pipeline", f"{prov.get('pipeline_name')} "
-            f"(schema {prov.get('schema_version')}, code {prov.get('code_version')})"),
-            ("scan", f"`{prov.get('inputs', {}).get('scan')}`")]
+    rows = [("product", str(product)),
+            ("pipeline", f"{prov.get('pipeline_name')} (schema {prov.get('schema_version')}, "
+                         f"code {prov.get('code_version')})"),
+            ("scan", str(prov.get("inputs", {}).get("scan")))]
     rows += [(f"time: {k}", f"{v:.2f} s") for k, v in prov.get("timings_s", {}).items()]
     sino = prov.get("stages", {}).get("sinogram")
     if sino:
@@ -407,6 +409,12 @@ def summary_markdown(product: str | Path) -> str:
     if fit:
         rows.append(("median Rwp", f"{fit['median_rwp']:.4f}"))
         rows += [(f"mean weight fraction {n}", f"{w:.3f}") for n, w in fit["mean_weight_fraction"].items()]
+    return rows
+
+
+def summary_markdown(product: str | Path) -> str:
+    """:func:`summary_rows` as a markdown table (paths as code)."""
+    rows = [(k, f"`{v}`" if k in ("product", "scan") else v) for k, v in summary_rows(product)]
     return "| field | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
 
 
