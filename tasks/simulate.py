@@ -287,7 +287,26 @@ class SimConfig(BaseModel):
 
 # ----------------------------------------------------------------------------- results
 @dataclass
-class SimulatedScan:
+class _GroundTruth:
+    """Fields both simulation results share (see :class:`SimulatedScan`)."""
+
+    config: SimConfig
+    phase_names: list[str]
+    mass: np.ndarray
+    weight_fraction: np.ndarray
+    scale: np.ndarray
+    zmv: np.ndarray
+    projected_mass: np.ndarray
+    intensity_scale: float
+    patterns_per_mass: np.ndarray
+    air: np.ndarray
+    center_of_rotation_px: float
+    cor_offset_px: float
+    wavelength_m: float
+
+
+@dataclass
+class SimulatedScan(_GroundTruth):
     """What :func:`simulate_scan` wrote, with its ground truth.
 
     Attributes
@@ -326,23 +345,10 @@ class SimulatedScan:
     nexus_path: Path
     poni_path: Path
     mask_path: Path | None
-    config: SimConfig
-    phase_names: list[str]
-    mass: np.ndarray
-    weight_fraction: np.ndarray
-    scale: np.ndarray
-    zmv: np.ndarray
-    projected_mass: np.ndarray
     frame_index: np.ndarray
     monitor: np.ndarray
-    intensity_scale: float
     tth_deg: np.ndarray
-    patterns_per_mass: np.ndarray
-    air: np.ndarray
     hot_spots: np.ndarray
-    center_of_rotation_px: float
-    cor_offset_px: float
-    wavelength_m: float
 
     def expected_pattern(self, frame: int) -> np.ndarray:
         """Noise-free 1D pattern (on ``tth_deg``) that integrating frame ``frame`` with the
@@ -352,28 +358,15 @@ class SimulatedScan:
 
 
 @dataclass
-class SimulatedSinogram:
+class SimulatedSinogram(_GroundTruth):
     """What :func:`simulate_sinogram_cube` wrote: ``path`` and ground truth as in
     :class:`SimulatedScan` (``sinogram_clean`` is the noise-free cube, (angle, translation,
     radial) float64, monitor-normalised)."""
 
     path: Path
-    config: SimConfig
-    phase_names: list[str]
-    mass: np.ndarray
-    weight_fraction: np.ndarray
-    scale: np.ndarray
-    zmv: np.ndarray
-    projected_mass: np.ndarray
-    intensity_scale: float
     radial: np.ndarray
     radial_unit: str
-    patterns_per_mass: np.ndarray
-    air: np.ndarray
     sinogram_clean: np.ndarray
-    center_of_rotation_px: float
-    cor_offset_px: float
-    wavelength_m: float
 
 
 def expected_pattern(gt: dict, frame: int) -> np.ndarray:
