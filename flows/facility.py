@@ -70,25 +70,69 @@ def select_scans(catalog: Catalog, query: ReprocessQuery) -> list[tuple[str, str
     return list(chosen.values())
 
 
+def idempotency_key(product_id: str) -> str:
+    """The Prefect flow-run idempotency key of a product: ``xrdct-<product id>``, the same
+    content hash the stage cache keys start with (:func:`flows.process.stage_cache_key`)."""
+    return f"xrdct-{product_id}"
+
+
+def submit(deployment: str, scan: str, pipeline: str, out: str, poni: str | None,
+           product_id: str) -> str:
+    """Create a ``process_scan`` flow run of ``deployment`` for one scan, keyed by its product.
+
+    A second submission of the same product (a discovery tick while the first run is still
+    queued, two overlapping reprocess requests) gets the existing flow run back: the server
+    keeps one flow run per (flow, idempotency key).
+
+    Parameters
+    ----------
+    deployment : str
+        ``"<flow name>/<deployment name>"``, e.g. ``"process_scan/process_scan"``.
+    scan, pipeline, out, poni
+        ``process_scan`` parameters.
+    product_id : str
+        Content address of the product (:func:`flows.process.make_request`).
+
+    Returns
+    -------
+    str
+        Flow-run id (not waited for).
+    """
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(deployment, parameters={"scan": scan, "poni": poni, "pipeline": pipeline,
+                                                "out": out},
+                        idempotency_key=idempotency_key(product_id), timeout=0,
+                        tags=["xrdct", f"product:{product_id}"])
+    return str(fr.id)
+
+
 def _process_all(scans: list[tuple[str, str | None]], pipeline: str, out: str,
-                 poni: str | None) -> dict:
+                 poni: str | None, deployment: str | None = None) -> dict:
     log = get_run_logger()
-    new, existing = [], []
+    new, existing, submitted = [], [], []
     for scan, scan_poni in scans:
         req = make_request(scan, pipeline, poni or scan_poni, out)
         if req.final.exists():
             existing.append(str(req.final))
             continue
+        if deployment:
+            run_id = submit(deployment, scan, pipeline, out, req.poni, req.product_id)
+            log.info("submitted %s -> %s as flow run %s", scan, req.product_id, run_id)
+            submitted.append(run_id)
+            continue
         log.info("processing %s -> %s", scan, req.product_id)
         new.append(process_scan(scan=scan, poni=req.poni, pipeline=pipeline, out=out))
-    log.info("%d new product(s), %d already published", len(new), len(existing))
-    return {"new": new, "existing": existing}
+    log.info("%d new product(s), %d submitted, %d already published", len(new), len(submitted),
+             len(existing))
+    return {"new": new, "existing": existing, "submitted": submitted}
 
 
 @flow(name="reprocess", log_prints=True)
 @resolved_annotations
 def reprocess(query: ReprocessQuery = ReprocessQuery(), pipeline: Pipeline = "default",
-              out: str = "xrdct-out", poni: str | None = None) -> dict:
+              out: str = "xrdct-out", poni: str | None = None,
+              deployment: str | None = None) -> dict:
     """Reprocess archived scans selected from the catalog with ``pipeline``.
 
     Parameters
@@ -101,21 +145,26 @@ def reprocess(query: ReprocessQuery = ReprocessQuery(), pipeline: Pipeline = "de
         Product directory (and its catalog, unless ``XRDCT_CATALOG_URL`` names one).
     poni : str, optional
         A new calibration for every scan; else each scan keeps the PONI of its product.
+    deployment : str, optional
+        ``"process_scan/<deployment>"``: submit one flow run per scan to that deployment
+        (its work pool and concurrency limit), keyed by :func:`idempotency_key`, instead of
+        running them here as sub-flows.
 
     Returns
     -------
     dict
-        ``new``: products made now; ``existing``: products this request already had.
+        ``new``: products made now; ``existing``: products this request already had;
+        ``submitted``: flow-run ids (with ``deployment``).
     """
     scans = select_scans(Catalog.for_products(out), query)
-    return _process_all(scans, pipeline, out, poni)
+    return _process_all(scans, pipeline, out, poni, deployment)
 
 
 @flow(name="discover_and_process", log_prints=True)
 @resolved_annotations
 def discover_and_process(root: str, pipeline: Pipeline = "default", poni: str | None = None,
                          out: str = "xrdct-out", pattern: str = "*.nxs",
-                         recursive: bool = True) -> dict:
+                         recursive: bool = True, deployment: str | None = None) -> dict:
     """Register the scans under ``root`` and process those without a product yet.
 
     Parameters
@@ -128,6 +177,9 @@ def discover_and_process(root: str, pipeline: Pipeline = "default", poni: str | 
         Glob of scan files.
     recursive : bool
         Search sub-directories.
+    deployment : str, optional
+        As for :func:`reprocess`: submit keyed flow runs instead of sub-flows, so that a
+        tick which finds scans still queued from the previous tick submits nothing new.
 
     Returns
     -------
@@ -144,6 +196,7 @@ def discover_and_process(root: str, pipeline: Pipeline = "default", poni: str | 
     files = [f for f in files if f.is_file()]
     report = add_scans(Catalog.for_products(out), files) if files else None
     skipped = {p for p, _ in report.skipped} if report else set()
-    result = _process_all([(str(f), None) for f in files if str(f) not in skipped], pipeline, out, poni)
+    result = _process_all([(str(f), None) for f in files if str(f) not in skipped], pipeline, out,
+                          poni, deployment)
     result["skipped"] = report.skipped if report else []
     return result

@@ -8,6 +8,7 @@ cluster given by address). Runs with no Prefect server configured (ephemeral API
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,8 +42,10 @@ class Request:
     product_id: str = ""
     inputs: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
-    # One work store per attempt: concurrent requests for the same product never share one.
-    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Token of the work store this request builds in (set under the product lock by
+    # :func:`open_work`); part of the Prefect cache keys, so a cache entry never outlives
+    # the work store it describes.
+    work_token: str = ""
 
     @property
     def spec(self) -> PipelineSpec:
@@ -53,7 +56,11 @@ class Request:
 
     @property
     def work(self) -> Path:
-        return store.work_path(self.out, f"{self.product_id}.{self.attempt}")
+        return store.work_path(self.out, self.product_id)
+
+    @property
+    def lock(self) -> Path:
+        return Path(self.out) / ".locks" / f"{self.product_id}.lock"
 
     @property
     def final(self) -> Path:
@@ -496,11 +503,15 @@ def _prefect():
 def _build_flow():
     flow, task = _prefect()
 
-    t_ingest = task(name="ingest", retries=1)(stage_ingest)
-    t_integrate = task(name="integrate", retries=1)(stage_integrate)
-    t_sinogram = task(name="sinogram")(stage_sinogram)
-    t_reconstruct = task(name="reconstruct")(stage_reconstruct)
-    t_mapping = task(name="mapping")(stage_mapping)
+    def cached(name, fn, **kw):
+        return task(name=name, cache_key_fn=stage_cache_key(name), persist_result=True,
+                    result_serializer="json", **kw)(resumable(name, fn))
+
+    t_ingest = cached("ingest", stage_ingest, retries=1)
+    t_integrate = cached("integrate", stage_integrate, retries=1)
+    t_sinogram = cached("sinogram", stage_sinogram)
+    t_reconstruct = cached("reconstruct", stage_reconstruct)
+    t_mapping = cached("mapping", stage_mapping)
     t_publish = task(name="publish")(stage_publish)
 
     @flow(name="process_scan", log_prints=True)
@@ -531,32 +542,152 @@ def _build_flow():
     return process_scan
 
 
+@contextlib.contextmanager
+def product_lock(req: Request, wait_message=None):
+    """Hold the product's lock (``<out>/.locks/<product_id>.lock``, an exclusive ``flock``)
+    while it is built.
+
+    A second request for the same content address waits here until the first has
+    published (then finds the product and returns it) or died (the operating system
+    releases a dead process's lock; the request then resumes the first one's work store).
+    The lock is advisory and works across processes of one host and on file systems with
+    POSIX locks (local disks, NFSv4, Lustre with ``flock``).
+
+    Parameters
+    ----------
+    req : Request
+    wait_message : callable, optional
+        Called once with a message when the lock is held by someone else.
+    """
+    import fcntl
+
+    req.lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(req.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait_message is not None:
+                wait_message(f"product {req.product_id} is being made by another run; waiting")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def open_work(req: Request) -> dict:
+    """Create the work store of ``req``, or reopen the one a crashed run left (call with
+    the product lock held). Sets ``req.work_token``.
+
+    Returns
+    -------
+    dict
+        Stage name -> the info each finished stage recorded (empty for a new store).
+    """
+    import zarr
+
+    req.work.parent.mkdir(parents=True, exist_ok=True)
+    prov = store.provenance(req.work) if (req.work / "zarr.json").exists() else {}
+    if prov.get("product_id") != req.product_id or not prov.get("work_token"):
+        shutil.rmtree(req.work, ignore_errors=True)  # not a work store of this product
+        zarr.open_group(str(req.work), mode="w", zarr_format=3)
+        prov = {"product_id": req.product_id, "work_token": uuid.uuid4().hex[:16]}
+        store.update_attrs(req.work, prov)
+    req.work_token = prov["work_token"]
+    return dict(prov.get("stages_done", {}))
+
+
+def resumable(name: str, fn):
+    """Wrap the stage ``fn(req) -> dict`` so that a stage a previous attempt finished in
+    this work store is not run again: the info it recorded is returned instead. A stage
+    counts as finished only once its variables are written and its record is added
+    (the record is written last), so a stage killed half-way runs again in full."""
+
+    def stage(req: Request) -> dict:
+        done = dict(store.provenance(req.work).get("stages_done", {}))
+        if name in done:
+            progress.report(name, 1, 1)
+            return {**done[name], "resumed": True}
+        info = fn(req)
+        store.update_attrs(req.work, {"stages_done": {**done, name: info}})
+        return info
+
+    stage.__name__ = stage.__qualname__ = f"stage_{name}"
+    stage.__doc__ = fn.__doc__
+    return stage
+
+
+def stage_cache_key(name: str):
+    """Prefect ``cache_key_fn`` of stage ``name``: ``xrdct-<product id>-<work token>-<stage>``.
+
+    The product id is the content address (spec, code version, input and calibration
+    checksums), so the cache key and the flow runs' idempotency key come from the same hash;
+    the work token ties an entry to the work store it describes.
+    """
+
+    def key(_context, parameters) -> str:
+        req = parameters["req"]
+        return f"xrdct-{req.product_id}-{req.work_token}-{name}"
+
+    return key
+
+
+STAGES = ("ingest", "integrate", "sinogram", "reconstruct", "mapping")
+
+
 def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_address=None,
                  n_workers=None, stages=None) -> str:
     """Run every stage of the pipeline on one scan; returns the published product path.
 
-    ``stages`` maps stage names to callables (Prefect tasks inside the flow; the plain
-    ``stage_*`` functions otherwise). An already-published product is returned as is.
+    ``stages`` maps stage names to callables (Prefect tasks inside the flow; the
+    :func:`resumable` ``stage_*`` functions otherwise). An already-published product is
+    returned as is; a request for a product another run is making waits for it
+    (:func:`product_lock`); a request whose earlier attempt died resumes after the last
+    stage that attempt finished.
     """
-    stages = stages or dict(ingest=stage_ingest, integrate=stage_integrate, sinogram=stage_sinogram,
-                            reconstruct=stage_reconstruct, mapping=stage_mapping, publish=stage_publish)
+    stages = stages or plain_stages()
     started = time.perf_counter()
     req = make_request(scan, pipeline, poni, out)
     if req.final.exists():
         return str(req.final)
     spec = req.spec
-    req.work.parent.mkdir(parents=True, exist_ok=True)
-    info = {}
-    with _dask_client(dask_address, n_workers):
-        info["ingest"] = stages["ingest"](req)
-        info["integrate"] = stages["integrate"](req)
-        kind = info["integrate"]["kind"]
-        if kind != "map" and spec.reconstruction.enabled:
-            info["sinogram"] = stages["sinogram"](req)
-            info["reconstruct"] = stages["reconstruct"](req)
-        if spec.mapping.enabled and (kind == "map" or spec.reconstruction.enabled):
-            info["mapping"] = stages["mapping"](req)
-        return stages["publish"](req, started, info)
+    with product_lock(req, wait_message=_log_info):
+        if req.final.exists():  # made by the run we waited for
+            return str(req.final)
+        done = open_work(req)
+        if done:
+            _log_info(f"product {req.product_id}: resuming after {', '.join(done)}")
+        info = {}
+        with _dask_client(dask_address, n_workers):
+            info["ingest"] = stages["ingest"](req)
+            info["integrate"] = stages["integrate"](req)
+            kind = info["integrate"]["kind"]
+            if kind != "map" and spec.reconstruction.enabled:
+                info["sinogram"] = stages["sinogram"](req)
+                info["reconstruct"] = stages["reconstruct"](req)
+            if spec.mapping.enabled and (kind == "map" or spec.reconstruction.enabled):
+                info["mapping"] = stages["mapping"](req)
+            return stages["publish"](req, started, info)
+
+
+def plain_stages() -> dict:
+    """The stages as plain (resumable) functions: what runs without Prefect."""
+    fns = dict(ingest=stage_ingest, integrate=stage_integrate, sinogram=stage_sinogram,
+               reconstruct=stage_reconstruct, mapping=stage_mapping)
+    return {**{k: resumable(k, f) for k, f in fns.items()}, "publish": stage_publish}
+
+
+def _log_info(msg: str) -> None:
+    """Log to the Prefect run logger inside a run, else to the ``xrdct`` logger."""
+    import logging
+
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().info(msg)
+    except Exception:  # noqa: BLE001 - outside a Prefect run
+        logging.getLogger("xrdct").info(msg)
 
 
 class _dask_client:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -54,9 +55,24 @@ def test_run_button_through_rest_api(tmp_path):
             except httpx.HTTPError:
                 return False
         _wait(healthy, 120, "prefect server")
+
+        # the facility's deployments from infra/prefect.yaml (infra/deploy.py)
+        for pool in ("xrdct-cpu", "xrdct-gpu"):
+            subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type",
+                            "process"], env=env, check=True, capture_output=True, timeout=120)
+        d = subprocess.run([sys.executable, "infra/deploy.py"], env=env, capture_output=True,
+                           text=True, timeout=300, cwd=Path(__file__).parents[1])
+        assert d.returncode == 0, d.stdout[-2000:] + d.stderr[-2000:]
+        deps = {x["name"]: x for x in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
+        assert sorted(deps) == ["discover_and_process", "process_scan", "reprocess"]
+        assert deps["discover_and_process"]["schedules"][0]["schedule"]["cron"] == "*/10 * * * *"
+        assert deps["reprocess"]["work_pool_name"] == "xrdct-gpu"
+        assert deps["process_scan"]["global_concurrency_limit"]["limit"] == 4
         served = subprocess.Popen(
-            [sys.executable, "-c", "from flows.facility import process_scan; "
-             "process_scan.serve(name='e2e', limit=1, print_starting_message=False)"],
+            [sys.executable, "-c", "import asyncio; from prefect.runner import Runner; "
+             "from flows.facility import process_scan, discover_and_process as d; "
+             "r = Runner(limit=3); r.add_flow(process_scan, name='e2e'); r.add_flow(d, name='e2e'); "
+             "asyncio.run(r.start())"],
             env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
 
         def deployment():
@@ -72,10 +88,10 @@ def test_run_button_through_rest_api(tmp_path):
         r.raise_for_status()
         run_id = r.json()["id"]
 
-        def finished():
-            st = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]
+        def finished_run(i):
+            st = httpx.get(f"{api}/flow_runs/{i}", timeout=5).json()["state"]
             return st if st and st["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
-        state = _wait(finished, 420, "flow run")
+        state = _wait(lambda: finished_run(run_id), 420, "flow run")
         assert state["type"] == "COMPLETED", (state, (tmp_path / "serve.log").read_text()[-3000:])
 
         products = list(out.glob("*.zarr"))
@@ -90,6 +106,40 @@ def test_run_button_through_rest_api(tmp_path):
         runs = Catalog.for_products(out).runs()
         assert [str(x.flow_run_id) for x in runs] == [run_id]
         assert Catalog.for_products(out).product(store.provenance(products[0])["product_id"]) is not None
+
+        # Two discovery runs back to back (a schedule tick while the last one's runs are
+        # still queued) submit keyed process_scan runs: one flow run per scan, one product.
+        raw = tmp_path / "raw"
+        simulate_scan(raw / "a", preset("small").model_copy(update={"seed": 5}))
+        out2 = tmp_path / "products2"
+        disc = _wait(lambda: (lambda r: r.json() if r.status_code == 200 else None)(
+            httpx.get(f"{api}/deployments/name/discover_and_process/e2e", timeout=5)), 60, "discovery")
+        params = {"root": str(raw), "pipeline": "demo", "poni": str(raw / "a" / "scan.poni"),
+                  "out": str(out2), "deployment": "process_scan/e2e"}
+        ids = [httpx.post(f"{api}/deployments/{disc['id']}/create_flow_run", timeout=10,
+                          json={"parameters": params}).json()["id"] for _ in range(2)]
+        for i in ids:
+            st = _wait(lambda: finished_run(i), 300, "discovery run")
+            assert st["type"] == "COMPLETED", st
+
+        def process_runs():
+            r = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
+                "deployments": {"id": {"any_": [dep["id"]]}}, "limit": 50})
+            return [x for x in r.json() if x["id"] != run_id]
+        keyed = process_runs()
+        assert len(keyed) == 1 and keyed[0]["idempotency_key"].startswith("xrdct-"), keyed
+        st = _wait(lambda: finished_run(keyed[0]["id"]), 420, "keyed process_scan run")
+        assert st["type"] == "COMPLETED", (st, (tmp_path / "serve.log").read_text()[-3000:])
+        made = list(out2.glob("*.zarr"))
+        assert len(made) == 1 and keyed[0]["idempotency_key"] == "xrdct-" + made[0].stem
+        # a later submission of the same product gets that flow run back, not a new one
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from flows.facility import submit
+        with temporary_settings({PREFECT_API_URL: api}):
+            again = submit("process_scan/e2e", keyed[0]["parameters"]["scan"], "demo", str(out2),
+                           keyed[0]["parameters"]["poni"], made[0].stem)
+        assert again == keyed[0]["id"] and len(process_runs()) == 1
     finally:
         for p in (served, server):
             if p is not None:

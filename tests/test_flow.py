@@ -3,8 +3,10 @@ simulator's ground truth; the Prefect flow under ``prefect_test_harness``; the C
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,17 +117,43 @@ def small_scan(tmp_path_factory):
     return simulate_scan(tmp_path_factory.mktemp("small") / "scan", preset("small"))
 
 
-def test_flow_runs_under_prefect_test_harness(small_scan, tmp_path):
+def test_flow_runs_under_prefect_test_harness(small_scan, tmp_path, monkeypatch):
+    """The flow under a real (test-harness) Prefect API: a first run fails in mapping; the
+    second run of the same request finds the first four stages in Prefect's cache (keys
+    from the product hash) and completes; artifacts and catalog rows as the UI reads them."""
+    import httpx
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows import process
+
+    args = dict(scan=str(small_scan.nexus_path), poni=str(small_scan.poni_path),
+                pipeline="demo", out=str(tmp_path), n_workers=1)
     with prefect_test_harness(server_startup_timeout=120):
-        path = get_flow()(scan=str(small_scan.nexus_path), poni=str(small_scan.poni_path),
-                          pipeline="demo", out=str(tmp_path), n_workers=1)
-        import httpx
         from prefect.settings import PREFECT_API_URL
 
+        api = PREFECT_API_URL.value()
+
+        def broken(req):
+            raise RuntimeError("injected mapping failure")
+        monkeypatch.setattr(process, "stage_mapping", broken)
+        with pytest.raises(RuntimeError, match="injected mapping failure"):
+            process._build_flow()(**args)
+        monkeypatch.undo()
+        path = get_flow()(**args)
+
+        def states(flow_name_run):
+            r = httpx.post(f"{api}/task_runs/filter", timeout=30,
+                           json={"flow_runs": {"id": {"any_": [flow_name_run]}}, "limit": 50})
+            r.raise_for_status()
+            return {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in r.json()}
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_ASC", "limit": 10},
+                          timeout=30).json()
+        assert [r["state"]["type"] for r in runs] == ["FAILED", "COMPLETED"]
+        second = states(runs[1]["id"])
+        assert all(second[k] == "Cached" for k in ("ingest", "integrate", "sinogram", "reconstruct")), second
+        assert second["mapping"] == "Completed" and second["publish"] == "Completed", second
         # the artifact as the UI reads it, through the REST API
-        r = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter",
+        r = httpx.post(f"{api}/artifacts/filter",
                        json={"limit": 50, "offset": 0, "sort": "CREATED_DESC"}, timeout=30)
         r.raise_for_status()
         arts = [a for a in r.json() if (a.get("key") or "").startswith("xrdct-")]
@@ -170,23 +198,79 @@ def test_cli_simulate_writes_a_scan_ingest_reads(tmp_path):
     assert gt["config"].seed == 3 and gt["mass"].shape[-2:] == (16, 16)
 
 
-def test_concurrent_requests_for_one_product_make_one(small_scan, tmp_path):
-    """Two attempts at the same content address race to publish: each builds in its own
-    work store, the first rename wins, the second returns the published product and removes
-    its work store; nothing is overwritten."""
-    from flows.process import (stage_ingest, stage_integrate, stage_mapping, stage_publish,
-                               stage_reconstruct, stage_sinogram)
+_RACE = """
+import sys
+from pathlib import Path
+from flows.process import run_pipeline
+print("PRODUCT", run_pipeline(sys.argv[1], poni=sys.argv[2], pipeline="demo", out=sys.argv[3]))
+"""
 
-    reqs = [make_request(small_scan.nexus_path, "demo", small_scan.poni_path, tmp_path) for _ in range(2)]
-    assert reqs[0].product_id == reqs[1].product_id and reqs[0].work != reqs[1].work
-    for r in reqs:
-        r.work.parent.mkdir(parents=True, exist_ok=True)
-        for stage in (stage_ingest, stage_integrate, stage_sinogram, stage_reconstruct, stage_mapping):
-            stage(r)
-    first = stage_publish(reqs[0], 0.0, {})
-    digest = (store.published_path(tmp_path, reqs[0].product_id) / "zarr.json").read_bytes()
-    second = stage_publish(reqs[1], 0.0, {})
-    assert first == second == str(reqs[0].final)
-    assert not reqs[1].work.exists() and not any((tmp_path / ".work").iterdir())
-    assert (store.published_path(tmp_path, reqs[0].product_id) / "zarr.json").read_bytes() == digest
-    assert len(Catalog.for_products(tmp_path).products()) == 1
+
+def test_concurrent_requests_for_one_product_make_one(small_scan, tmp_path):
+    """Three processes ask for the same content address at once: one builds it under the
+    product lock, the others wait and return the published product; one catalog row."""
+    script = tmp_path / "race.py"
+    script.write_text(_RACE)
+    out = tmp_path / "out"
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(small_scan.nexus_path),
+                               str(small_scan.poni_path), str(out)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in results]
+    paths = {line.split(" ", 1)[1] for o, _ in results for line in o.splitlines()
+             if line.startswith("PRODUCT ")}
+    assert len(paths) == 1 and len(list(out.glob("*.zarr"))) == 1
+    assert not any((out / ".work").iterdir())
+    cat = Catalog.for_products(out)
+    assert len(cat.products()) == 1
+
+
+def test_a_crashed_request_resumes_after_its_finished_stages(small_scan, tmp_path):
+    """An attempt that died after integration left its work store; the next request for the
+    same product takes the product lock, reopens that store and runs only what is left."""
+    from flows import process
+
+    calls = {k: 0 for k in process.STAGES}
+
+    def counting(name):
+        fn = getattr(process, f"stage_{name}")
+
+        def wrapped(req):
+            calls[name] += 1
+            return fn(req)
+        return process.resumable(name, wrapped)
+
+    stages = {k: counting(k) for k in process.STAGES}
+    req = make_request(small_scan.nexus_path, "demo", small_scan.poni_path, tmp_path)
+    with process.product_lock(req):  # the first attempt: dies after integrate
+        process.open_work(req)
+        first_token = req.work_token
+        stages["ingest"](req)
+        stages["integrate"](req)
+    assert calls == {"ingest": 1, "integrate": 1, "sinogram": 0, "reconstruct": 0, "mapping": 0}
+    path = run_pipeline(small_scan.nexus_path, poni=small_scan.poni_path, pipeline="demo",
+                        out=tmp_path, stages={**stages, "publish": process.stage_publish})
+    assert calls == {"ingest": 1, "integrate": 1, "sinogram": 1, "reconstruct": 1, "mapping": 1}
+    prov = store.provenance(path)
+    assert prov["work_token"] == first_token and prov["stages"]["integrate"]["resumed"] is True
+    # the resumed product equals one made in a single go
+    fresh = run_pipeline(small_scan.nexus_path, poni=small_scan.poni_path, pipeline="demo",
+                         out=tmp_path / "fresh")
+    a, b = store.open_product(path), store.open_product(fresh)
+    for v in ("patterns", "volume", "scale"):
+        np.testing.assert_array_equal(a[v].values, b[v].values)
+
+
+def test_prefect_cache_keys_come_from_the_product_hash(small_scan, tmp_path):
+    from flows import process
+
+    req = make_request(small_scan.nexus_path, "demo", small_scan.poni_path, tmp_path)
+    req.work_token = "t0"
+    key = process.stage_cache_key("integrate")(None, {"req": req})
+    assert key == f"xrdct-{req.product_id}-t0-integrate"
+    other = make_request(small_scan.nexus_path, "default", small_scan.poni_path, tmp_path)
+    other.work_token = "t0"
+    assert process.stage_cache_key("integrate")(None, {"req": other}) != key
