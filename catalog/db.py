@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine,
-                        event, inspect, pool, select)
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        create_engine, event, inspect, pool, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 
@@ -27,7 +27,10 @@ class Base(DeclarativeBase):
 
 
 class Experiment(Base):
+    """One (proposal, sample) pair: what a beamtime measured."""
+
     __tablename__ = "experiments"
+    __table_args__ = (Index("ix_experiments_proposal_sample", "proposal", "sample", unique=True),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     proposal: Mapped[str] = mapped_column(String(64), default="")
     sample: Mapped[str] = mapped_column(String(256), default="")
@@ -42,6 +45,9 @@ class Scan(Base):
     geometry: Mapped[dict] = mapped_column(JSON, default=dict)
     experiment_id: Mapped[int | None] = mapped_column(ForeignKey("experiments.id"), nullable=True)
     registered: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    acquired: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                         index=True)
+    experiment: Mapped[Experiment | None] = relationship()
 
 
 class Calibration(Base):
@@ -134,7 +140,7 @@ def upgrade(url: str) -> None:
     ``BEGIN IMMEDIATE`` transaction (a second process waits for it, then finds the schema at
     head); on PostgreSQL under a transaction-scoped advisory lock. A database made by the
     pre-Alembic ``create_all`` (every table present, no ``alembic_version``) is stamped at
-    ``0001`` first.
+    the revision its columns match first.
 
     Parameters
     ----------
@@ -165,12 +171,22 @@ def upgrade(url: str) -> None:
                 return
             cfg = alembic_config(conn)
             if current is None:
-                have = set(inspect(conn).get_table_names())
-                if set(Base.metadata.tables) <= have:
-                    command.stamp(cfg, "0001")
+                insp = inspect(conn)
+                if set(Base.metadata.tables) <= set(insp.get_table_names()):
+                    # a create_all database: stamp the revision whose schema it has
+                    cols = {c["name"] for c in insp.get_columns("scans")}
+                    command.stamp(cfg, "0002" if "acquired" in cols else "0001")
             command.upgrade(cfg, "head")
     finally:
         engine.dispose()
+
+
+def _parse_time(value) -> dt.datetime | None:
+    """An ISO 8601 string (``Z`` allowed) or datetime as an aware datetime (UTC if naive)."""
+    if value is None or value == "":
+        return None
+    t = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def _key(obj) -> str:
@@ -234,20 +250,32 @@ class Catalog:
             s.flush()
         return obj
 
+    def _experiment(self, s: Session, proposal: str | None, sample: str | None) -> int | None:
+        if not proposal and not sample:
+            return None
+        where = {"proposal": proposal or "", "sample": sample or ""}
+        return self._get_or_add(s, Experiment, where).id
+
     def _scan(self, s: Session, path: str, checksum: str, kind: str, geometry: dict,
-              experiment_id: int | None = None) -> tuple[Scan, bool]:
+              metadata: dict | None = None) -> tuple[Scan, bool]:
+        metadata = metadata or {}
         obj = s.scalars(select(Scan).filter_by(checksum=checksum)).first()
         if obj is not None:
+            if obj.experiment_id is None and (metadata.get("proposal") or metadata.get("sample")):
+                obj.experiment_id = self._experiment(s, metadata.get("proposal"), metadata.get("sample"))
+            if obj.acquired is None and metadata.get("start_time"):
+                obj.acquired = _parse_time(metadata["start_time"])
             return obj, False
         obj = Scan(path=str(path), checksum=checksum, kind=kind, geometry=dict(geometry or {}),
-                   experiment_id=experiment_id)
+                   experiment_id=self._experiment(s, metadata.get("proposal"), metadata.get("sample")),
+                   acquired=_parse_time(metadata.get("start_time")))
         s.add(obj)
         s.flush()
         return obj, True
 
     def register_scan(self, *, path: str | Path, checksum: str, kind: str = "",
                       geometry: dict | None = None,
-                      experiment_id: int | None = None) -> tuple[int, bool]:
+                      metadata: dict | None = None) -> tuple[int, bool]:
         """Record a raw scan; idempotent on its checksum.
 
         Parameters
@@ -260,37 +288,52 @@ class Catalog:
             ``"frames"``, ``"map"`` or ``"sinogram"``.
         geometry : dict, optional
             Scan geometry (frame count, detector shape, grid), JSON-serialisable.
-        experiment_id : int, optional
+        metadata : dict, optional
+            ``proposal`` and ``sample`` (filed as an :class:`Experiment`), ``start_time``
+            (ISO 8601, the scan's ``acquired`` time), as :func:`tasks.ingest.nexus_metadata`
+            reads them. Fills those fields of an already-known scan where they are empty.
 
         Returns
         -------
         (int, bool)
             Row id of the scan, and whether this call added it (False: already known).
         """
+        def write(s):
+            obj, new = self._scan(s, str(path), checksum, kind, geometry, metadata)
+            return obj.id, new
+
+        return self._transaction(write)
+
+    def _transaction(self, write, attempts: int = 5):
+        """Run ``write(session)`` in one transaction. Every write is get-or-add on a unique
+        key; when a concurrent writer adds the same key between our read and our insert
+        (IntegrityError), the transaction is rolled back and run again, and then reads it."""
         from sqlalchemy.exc import IntegrityError
 
-        try:
-            with Session(self.engine) as s, s.begin():
-                obj, new = self._scan(s, str(path), checksum, kind, geometry, experiment_id)
-                return obj.id, new
-        except IntegrityError:  # another writer added the same checksum between our read and write
-            with Session(self.engine) as s:
-                obj = s.scalars(select(Scan).filter_by(checksum=checksum)).one()
-                return obj.id, False
+        for attempt in range(attempts):
+            try:
+                with Session(self.engine) as s, s.begin():
+                    return write(s)
+            except IntegrityError:
+                if attempt == attempts - 1:
+                    raise
 
     def scans(self) -> list[Scan]:
         """Every registered scan, oldest first."""
+        from sqlalchemy.orm import selectinload
+
         with Session(self.engine) as s:
-            return list(s.scalars(select(Scan).order_by(Scan.id)))
+            return list(s.scalars(select(Scan).options(selectinload(Scan.experiment)).order_by(Scan.id)))
 
     def register_product(self, *, product_id: str, location: str, scan_path: str,
                          scan_checksum: str, scan_kind: str, geometry: dict, poni: str | None,
                          calibration: dict, pipeline_name: str, spec: dict, code_version: str,
                          inputs: dict, timings: dict, wall_time_s: float | None,
-                         flow_run_id: str | None = None) -> None:
-        """Record a published product, its scan, calibration, pipeline version and run."""
-        with Session(self.engine) as s, s.begin():
-            scan, _ = self._scan(s, scan_path, scan_checksum, scan_kind, geometry)
+                         flow_run_id: str | None = None, metadata: dict | None = None) -> None:
+        """Record a published product, its scan (with ``metadata`` as for
+        :meth:`register_scan`), calibration, pipeline version and run."""
+        def write(s):
+            scan, _ = self._scan(s, scan_path, scan_checksum, scan_kind, geometry, metadata)
             cal = self._get_or_add(s, Calibration, {"key": _key(calibration)}, poni_path=poni,
                                    checksums=calibration)
             pv = self._get_or_add(s, PipelineVersion, {"key": _key([spec, code_version])},
@@ -301,12 +344,14 @@ class Catalog:
             s.add(Run(flow_run_id=flow_run_id, product_id=product_id, status="Completed",
                       wall_time_s=wall_time_s, timings=timings))
 
+        self._transaction(write)
+
     def products(self) -> list[Product]:
         """Every product, oldest first, with ``scan`` and ``pipeline_version`` loaded."""
         from sqlalchemy.orm import selectinload
 
         with Session(self.engine) as s:
-            q = (select(Product).options(selectinload(Product.scan),
+            q = (select(Product).options(selectinload(Product.scan).selectinload(Scan.experiment),
                                          selectinload(Product.pipeline_version))
                  .order_by(Product.created))
             return list(s.scalars(q))
@@ -316,8 +361,9 @@ class Catalog:
         from sqlalchemy.orm import selectinload
 
         with Session(self.engine) as s:
-            return s.get(Product, product_id, options=[selectinload(Product.scan),
-                                                      selectinload(Product.pipeline_version)])
+            return s.get(Product, product_id,
+                         options=[selectinload(Product.scan).selectinload(Scan.experiment),
+                                  selectinload(Product.pipeline_version)])
 
     def calibration(self, calibration_id: int) -> Calibration | None:
         """One calibration row, or None."""

@@ -12,7 +12,7 @@ from pathlib import Path
 _SKIP_SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm")
 
 
-def describe_scan(path: str | Path) -> tuple[str, str, dict]:
+def describe_scan(path: str | Path) -> tuple[str, str, dict, dict]:
     """Open a scan and return what the catalog records about it.
 
     The checksum is the one :func:`flows.process._register` records for a processed
@@ -27,10 +27,11 @@ def describe_scan(path: str | Path) -> tuple[str, str, dict]:
 
     Returns
     -------
-    (str, str, dict)
+    (str, str, dict, dict)
         Checksum, kind (``"frames"``, ``"map"``, ``"sinogram"``), geometry (source, frame
         count, detector shape and dtype, grid sizes (z, angle, translation); or the
-        sinogram shape).
+        sinogram shape), metadata (proposal, sample, start time, title where the file has
+        them: :func:`tasks.ingest.nexus_metadata`).
 
     Raises
     ------
@@ -57,7 +58,7 @@ def describe_scan(path: str | Path) -> tuple[str, str, dict]:
             inputs[os.path.relpath(f, p.parent)] = file_checksum(f)
     checksum = (next(iter(inputs.values())) if len(inputs) == 1 else
                 hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest())
-    return checksum, scan.kind, geometry
+    return checksum, scan.kind, geometry, dict(scan.metadata)
 
 
 @dataclass
@@ -88,7 +89,8 @@ def _candidates(path: Path, recursive: bool) -> list[Path]:
                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
 
 
-def add_scans(catalog, paths, recursive: bool = False) -> AddReport:
+def add_scans(catalog, paths, recursive: bool = False, proposal: str | None = None,
+              sample: str | None = None) -> AddReport:
     """Register scans: files, or every file of a directory that opens as a scan.
 
     Parameters
@@ -98,6 +100,9 @@ def add_scans(catalog, paths, recursive: bool = False) -> AddReport:
         Scan files or directories.
     recursive : bool
         Walk sub-directories too.
+    proposal, sample : str, optional
+        File the scans under this proposal / sample; replaces what the files say (for
+        formats without that metadata, such as image series).
 
     Returns
     -------
@@ -120,14 +125,18 @@ def add_scans(catalog, paths, recursive: bool = False) -> AddReport:
             raise FileNotFoundError(f"{path}: no such file or directory")
         for f in _candidates(path, recursive):
             try:
-                checksum, kind, geometry = describe_scan(f)
+                checksum, kind, geometry, metadata = describe_scan(f)
             except (IngestError, OSError, ValueError) as err:
                 why = str(err) or type(err).__name__
                 for prefix in (f"{f}: ", f"{f.resolve()}: "):
                     why = why[len(prefix):] if why.startswith(prefix) else why
                 report.skipped.append((str(f), why))
                 continue
+            if proposal:
+                metadata["proposal"] = proposal
+            if sample:
+                metadata["sample"] = sample
             sid, new = catalog.register_scan(path=str(f.resolve()), checksum=checksum, kind=kind,
-                                             geometry=geometry)
+                                             geometry=geometry, metadata=metadata)
             (report.added if new else report.known).append((sid, str(f.resolve())))
     return report

@@ -146,19 +146,28 @@ def _fmt_time(t) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S") if t is not None else ""
 
 
+def _experiment(scan) -> tuple[str, str]:
+    e = scan.experiment if scan is not None else None
+    return (e.proposal, e.sample) if e is not None else ("", "")
+
+
 def cmd_catalog_list(args) -> int:
     """Table of the catalog's products: id, scan path, pipeline name, created."""
     from rich.table import Table
 
     cat = _open_catalog(args)
-    rows = cat.products()
+    rows = [p for p in cat.products()
+            if (not args.proposal or _experiment(p.scan)[0] == args.proposal)
+            and (not args.sample or _experiment(p.scan)[1] == args.sample)]
     t = Table(title=f"xrdct catalog: {len(rows)} product(s)")
     t.add_column("id", no_wrap=True)
-    for col in ("scan", "pipeline", "created"):
+    for col in ("proposal", "sample", "acquired", "scan", "pipeline", "created"):
         t.add_column(col, overflow="fold")
     for p in rows:
-        t.add_row(p.id, p.scan.path if p.scan else "", p.pipeline_version.name
-                  if p.pipeline_version else "", _fmt_time(p.created))
+        prop, sample = _experiment(p.scan)
+        t.add_row(p.id, prop, sample, _fmt_time(p.scan.acquired) if p.scan else "",
+                  p.scan.path if p.scan else "",
+                  p.pipeline_version.name if p.pipeline_version else "", _fmt_time(p.created))
     _wide_console().print(t)
     cat.dispose()
     return 0
@@ -183,6 +192,9 @@ def cmd_catalog_show(args) -> int:
     t.add_row("location", p.location)
     t.add_row("created", _fmt_time(p.created))
     t.add_row("scan", f"#{p.scan.id} {p.scan.path}")
+    prop, sample = _experiment(p.scan)
+    t.add_row("proposal / sample", f"{prop or '-'} / {sample or '-'}")
+    t.add_row("acquired", _fmt_time(p.scan.acquired) or "-")
     t.add_row("scan checksum", p.scan.checksum)
     t.add_row("scan kind", p.scan.kind)
     t.add_row("scan geometry", json.dumps(p.scan.geometry, sort_keys=True))
@@ -209,7 +221,8 @@ def cmd_catalog_add(args) -> int:
 
     console = _wide_console()
     cat = _open_catalog(args)
-    rep = add_scans(cat, args.paths, recursive=args.recursive)
+    rep = add_scans(cat, args.paths, recursive=args.recursive, proposal=args.proposal,
+                    sample=args.sample)
     for sid, path in rep.added:
         console.print(f"added   scan #{sid} {path}", highlight=False)
     for sid, path in rep.known:
@@ -282,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                        "(default: XRDCT_CATALOG_URL, else <out>/catalog.sqlite)")
 
     c = csub.add_parser("list", help="table of products")
+    c.add_argument("--proposal", help="only products of scans of this proposal")
+    c.add_argument("--sample", help="only products of scans of this sample")
     where(c)
     c.set_defaults(fn=cmd_catalog_list)
     c = csub.add_parser("show", help="one product: scan, calibration, pipeline version, runs")
@@ -291,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     c = csub.add_parser("add", help="register scan files or every scan in a directory")
     c.add_argument("paths", nargs="+", metavar="SCAN_OR_DIR")
     c.add_argument("--recursive", "-r", action="store_true", help="walk sub-directories")
+    c.add_argument("--proposal", help="file the scans under this proposal (default: the "
+                   "NeXus entry's experiment_identifier)")
+    c.add_argument("--sample", help="file the scans under this sample (default: the NeXus "
+                   "entry's sample/name)")
     where(c)
     c.set_defaults(fn=cmd_catalog_add)
 

@@ -36,12 +36,22 @@ class ReprocessQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    proposal: str | None = Field(default=None, description="scans of this proposal "
+                                 "(NeXus experiment_identifier, or `xrdct catalog add --proposal`)")
+    sample: str | None = Field(default=None, description="scans of this sample (NeXus sample/name)")
+    acquired_after: dt.datetime | None = Field(default=None, description="scans measured after")
+    acquired_before: dt.datetime | None = Field(default=None, description="scans measured before")
     scan_path_contains: str | None = Field(
         default=None, description="substring of the scan path (e.g. a proposal or sample folder)")
     pipeline_name: str | None = Field(default=None, description="products made by this pipeline")
     created_after: dt.datetime | None = Field(default=None, description="products made after")
     created_before: dt.datetime | None = Field(
         default=None, description="products made before (e.g. before a calibration changed)")
+    older_than_days: float | None = Field(
+        default=None, ge=0, description="products made more than this many days ago")
+    code_version_not: str | None = Field(
+        default=None, description="products made by any code version but this one (e.g. the "
+        "installed version, to bring an archive up to date)")
     scan_kind: str | None = Field(default=None, description="frames, map or sinogram")
 
 
@@ -52,9 +62,24 @@ def select_scans(catalog: Catalog, query: ReprocessQuery) -> list[tuple[str, str
     def aware(t: dt.datetime) -> dt.datetime:
         return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
+    now = dt.datetime.now(dt.timezone.utc)
     chosen: dict[int, tuple[str, str | None]] = {}
     for p in catalog.products():
         created = aware(p.created)
+        exp = p.scan.experiment
+        acquired = aware(p.scan.acquired) if p.scan.acquired else None
+        if query.proposal and (exp is None or exp.proposal != query.proposal):
+            continue
+        if query.sample and (exp is None or exp.sample != query.sample):
+            continue
+        if query.acquired_after and (acquired is None or acquired <= aware(query.acquired_after)):
+            continue
+        if query.acquired_before and (acquired is None or acquired >= aware(query.acquired_before)):
+            continue
+        if query.older_than_days is not None and (now - created).total_seconds() < query.older_than_days * 86400:
+            continue
+        if query.code_version_not and p.pipeline_version.code_version == query.code_version_not:
+            continue
         if query.scan_path_contains and query.scan_path_contains not in p.scan.path:
             continue
         if query.pipeline_name and p.pipeline_version.name != query.pipeline_name:

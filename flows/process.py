@@ -150,7 +150,7 @@ def stage_ingest(req: Request) -> dict:
         ai = pyFAI.load(req.poni)
         shape = tuple(ai.detector.shape) if ai.detector.shape is not None else None
     scan = open_scan(req.scan, spec.input, poni_shape=shape)
-    info = {"kind": scan.kind, "source": scan.source}
+    info = {"kind": scan.kind, "source": scan.source, "metadata": dict(scan.metadata)}
     if scan.frames is not None:
         g = scan.grid()
         info.update(n_frames=int(scan.frames.shape[0]), frame_shape=list(scan.frames.shape[1:]),
@@ -470,7 +470,7 @@ def _register(req: Request, final: Path, stage_info: dict, wall: float) -> None:
         poni=req.poni, calibration=req.calibration, pipeline_name=prov.get("pipeline_name", ""),
         spec=json.loads(req.spec_json), code_version=prov.get("code_version", ""),
         inputs=req.inputs, timings=prov.get("timings_s", {}), wall_time_s=wall,
-        flow_run_id=_flow_run_id())
+        flow_run_id=_flow_run_id(), metadata=stage_info.get("ingest", {}).get("metadata"))
 
 
 def _timings(work) -> dict:

@@ -134,6 +134,9 @@ class Scan:
         Every file read (for checksums): the HDF5 file, or the scan table and its images.
     frames_dataset : str or None
         HDF5 path of the frames (for messages), or the table column ``file``.
+    metadata : dict of str to str
+        What the catalog files the scan under, when the file says it (:func:`nexus_metadata`):
+        ``proposal``, ``sample``, ``start_time`` (ISO 8601), ``title``.
     """
 
     kind: str
@@ -153,6 +156,7 @@ class Scan:
     map_x: np.ndarray | None = None
     files: list = field(default_factory=list)
     frames_dataset: str | None = None
+    metadata: dict = field(default_factory=dict)
 
     @property
     def n_frames(self) -> int:
@@ -658,6 +662,58 @@ def _find_named(entry: h5py.Group | None, candidates: Sequence[str]) -> h5py.Dat
     return None
 
 
+#: NeXus fields (relative to the NXentry) that the catalog files a scan under.
+NEXUS_METADATA = {"proposal": ("experiment_identifier", "proposal_id", "proposal"),
+                  "sample": ("sample/name", "sample/sample_name", "sample/chemical_formula"),
+                  "start_time": ("start_time",),
+                  "title": ("title",)}
+
+
+def nexus_metadata(entry: h5py.Group | None) -> dict[str, str]:
+    """Proposal, sample name, start time and title of a NeXus entry, where present.
+
+    Reads the NXentry fields ``experiment_identifier`` (NeXus's name for the proposal;
+    ``proposal_id``/``proposal`` also accepted), ``sample/name``, ``start_time`` (ISO 8601,
+    checked) and ``title``. Missing or non-text fields are left out: metadata never stops an
+    ingest.
+
+    Parameters
+    ----------
+    entry : h5py.Group or None
+        The NXentry of the scan.
+
+    Returns
+    -------
+    dict of str to str
+        Keys among ``proposal``, ``sample``, ``start_time``, ``title``.
+    """
+    import datetime as dt
+
+    out: dict[str, str] = {}
+    if entry is None:
+        return out
+    for key, candidates in NEXUS_METADATA.items():
+        for rel in candidates:
+            d = entry.get(rel)
+            if not isinstance(d, h5py.Dataset) or d.size != 1:
+                continue
+            v = d[()]
+            v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+            v = v.item() if isinstance(v, np.ndarray) else v
+            v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+            if not isinstance(v, str) or not v.strip():
+                continue
+            v = v.strip()
+            if key == "start_time":
+                try:
+                    dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+                except ValueError:
+                    continue
+            out[key] = v
+            break
+    return out
+
+
 def _find_monitor(entry: h5py.Group | None) -> h5py.Dataset | None:
     d = _find_named(entry, _MONITOR_PATHS)
     if d is not None or entry is None:
@@ -878,6 +934,7 @@ def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
                                   f"frame {i}; expected monitor counts > 0")
         dtype = dset.dtype
         token = _file_token(p)
+        metadata = nexus_metadata(entry)
     finally:
         h5.close()
 
@@ -885,7 +942,7 @@ def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
     frames = _lazy(reader, (token, name, stored), chunk_frames)
     return Scan(kind="frames", source=str(p), frames=frames, angle=angle,
                 translation=translation, z=z, monitor=monitor, wavelength_m=spec.wavelength_m,
-                files=[str(p)], frames_dataset=name)
+                files=[str(p)], frames_dataset=name, metadata=metadata)
 
 
 def _read_table(table: Path) -> tuple[list[str], list[list[str]]]:
@@ -1123,6 +1180,7 @@ def open_sinogram(path, spec=None) -> Scan:
         stored = tuple(int(s) for s in d.shape)
         dtype = d.dtype
         token = _file_token(p)
+        metadata = nexus_metadata(_entry_of(h5, d))
     finally:
         h5.close()
 
@@ -1141,7 +1199,8 @@ def open_sinogram(path, spec=None) -> Scan:
     return Scan(kind="sinogram", source=str(p), sinogram=arr, sino_angle=angles,
                 sino_translation=trans, radial=radial,
                 radial_unit=spec.radial_unit if radial is not None else None,
-                wavelength_m=spec.wavelength_m, files=[str(p)], frames_dataset=name)
+                wavelength_m=spec.wavelength_m, files=[str(p)], frames_dataset=name,
+                metadata=metadata)
 
 
 def _find_sinogram(h5: h5py.File, p: Path) -> h5py.Dataset:

@@ -62,11 +62,12 @@ from the pixel footprint (a binned pixel averages the pattern over ~0.05 deg).
 
 Scan layout (``scan.nxs``)
 --------------------------
-``/entry`` (NXentry, ``default="data"``)
+``/entry`` (NXentry, ``default="data"``): ``title``, ``experiment_identifier`` (proposal),
+  ``start_time`` (ISO 8601).
   ``instrument`` (NXinstrument) / ``detector`` (NXdetector) / ``data``: (N, H, W) uint32,
   chunks (1, H, W), bitshuffle + LZ4 (``hdf5plugin.Bitshuffle(cname="lz4")``);
   ``instrument/monochromator/wavelength`` (angstrom).
-  ``sample`` (NXsample): ``rotation_angle`` (N,) float64 deg, ``translation`` (N,) float64
+  ``sample`` (NXsample): ``name``, ``rotation_angle`` (N,) float64 deg, ``translation`` (N,) float64
   mm, ``z`` (N,) float64 mm.
   ``monitor`` (NXmonitor) / ``data`` (N,) float64 (relative beam intensity, 1 at start).
   ``data`` (NXdata, ``signal="data"``): hard links to the frames and the positions.
@@ -88,6 +89,7 @@ References
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +193,12 @@ class SimConfig(BaseModel):
         ``15 k`` degrees.
     seed : int
         Seed of ``numpy.random.default_rng``.
+    proposal, sample_name : str
+        Written as the NeXus ``/entry/experiment_identifier`` and ``/entry/sample/name``
+        (what the catalog files the scan under).
+    start_time : datetime
+        ``/entry/start_time`` (ISO 8601); fixed by default so the same config writes the
+        same file.
     chunk_frames : int
         Frames generated and written per chunk (memory ~ ``chunk_frames * H * W * 16`` B).
     """
@@ -228,6 +236,9 @@ class SimConfig(BaseModel):
     snake: bool = False
     z_mm: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
     seed: int = 0
+    proposal: str = Field(default="sim-0001", max_length=64)
+    sample_name: str = Field(default="simulated sample", max_length=256)
+    start_time: dt.datetime = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     chunk_frames: int = Field(default=128, ge=16, multiple_of=16)
     dtype: Literal["uint32"] = "uint32"
 
@@ -283,6 +294,11 @@ class SimConfig(BaseModel):
     @property
     def n_frames(self) -> int:
         return len(self.z_mm) * self.n_angles * self.n_translations
+
+
+def _iso(t: dt.datetime) -> str:
+    """ISO 8601 with a time zone (UTC assumed for a naive time)."""
+    return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).isoformat()
 
 
 # ----------------------------------------------------------------------------- results
@@ -1022,6 +1038,8 @@ def simulate_scan(out_dir: str | Path, config: SimConfig | None = None,
         e.attrs["NX_class"] = "NXentry"
         e.attrs["default"] = "data"
         e.create_dataset("title", data="simulated XRD-CT scan")
+        e.create_dataset("experiment_identifier", data=config.proposal)
+        e.create_dataset("start_time", data=_iso(config.start_time))
         inst = e.create_group("instrument")
         inst.attrs["NX_class"] = "NXinstrument"
         det = inst.create_group("detector")
@@ -1040,6 +1058,7 @@ def simulate_scan(out_dir: str | Path, config: SimConfig | None = None,
         mono.create_dataset("wavelength", data=config.wavelength_m * 1e10).attrs["units"] = "angstrom"
         s = e.create_group("sample")
         s.attrs["NX_class"] = "NXsample"
+        s.create_dataset("name", data=config.sample_name)
         for key, arr, units in (("rotation_angle", rot, "deg"), ("translation", tr_mm, "mm"),
                                 ("z", zpos, "mm")):
             s.create_dataset(key, data=arr.astype(np.float64)).attrs["units"] = units
@@ -1200,6 +1219,9 @@ def simulate_sinogram_cube(path: str | Path, config: SimConfig | None = None, *,
         e = f.create_group("entry")
         e.attrs["NX_class"] = "NXentry"
         e.attrs["default"] = "data"
+        e.create_dataset("experiment_identifier", data=config.proposal)
+        e.create_dataset("start_time", data=_iso(config.start_time))
+        e.create_group("sample").create_dataset("name", data=config.sample_name)
         d = e.create_group("data")
         d.attrs["NX_class"] = "NXdata"
         d.attrs["signal"] = "sinogram"

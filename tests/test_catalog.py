@@ -3,6 +3,7 @@ SQLite and on a real PostgreSQL server started by the test."""
 
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import io
 import os
@@ -32,7 +33,9 @@ def scan_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("scans")
     for k in range(N_SCANS):
         simulate_scan(d / f"s{k}", preset("small").model_copy(
-            update={"n_translations": 12, "n_angles": 12, "seed": k}))
+            update={"n_translations": 12, "n_angles": 12, "seed": k,
+                    "proposal": "mx1234" if k < 2 else "ch999", "sample_name": f"cell{k % 2}",
+                    "start_time": dt.datetime(2026, 3, 1 + k, 8, tzinfo=dt.timezone.utc)}))
     return d
 
 
@@ -55,7 +58,7 @@ def _check_schema(url: str) -> None:
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert ctx.get_current_revision() == head_revision() == "0001"
+            assert ctx.get_current_revision() == head_revision() == "0002"
             tables = set(inspect(conn).get_table_names())
             assert tables == set(Base.metadata.tables) | {"alembic_version"}
             assert compare_metadata(ctx, Base.metadata) == []
@@ -77,6 +80,10 @@ def _exercise(url: str, scan_dir: Path, capsys) -> None:
     assert {Path(s.path).parent.name for s in scans} == {f"s{k}" for k in range(N_SCANS)}
     assert all(len(s.checksum) == 64 and s.kind == "frames" for s in scans)
     assert all(s.geometry["grid"] == [1, 12, 12] and s.geometry["n_frames"] == 144 for s in scans)
+    # filed under the proposal and sample the NeXus entries name, with their start times
+    filed = sorted((s.experiment.proposal, s.experiment.sample, s.acquired.day) for s in scans)
+    assert filed == [("ch999", "cell0", 3), ("mx1234", "cell0", 1), ("mx1234", "cell1", 2)]
+    assert len({s.experiment_id for s in scans}) == 3
 
     again = add_scans(cat, scan_dir, recursive=True)
     assert not again.added and len(again.known) == N_SCANS
@@ -99,6 +106,10 @@ def _exercise(url: str, scan_dir: Path, capsys) -> None:
     assert main(["catalog", "list", "--url", url]) == 0
     out = capsys.readouterr().out
     assert "a" * 24 in out and "b" * 24 in out and "2 product(s)" in out
+    prop0 = cat.product("a" * 24).scan.experiment.proposal
+    assert main(["catalog", "list", "--url", url, "--proposal", prop0]) == 0
+    out = capsys.readouterr().out
+    assert "1 product(s)" in out and "a" * 24 in out and prop0 in out
     assert main(["catalog", "show", "a" * 24, "--url", url]) == 0
     out = capsys.readouterr().out
     assert "a" * 24 in out and s0.checksum in out and "run #" in out and "demo" in out

@@ -103,3 +103,36 @@ def test_ui_forms_offer_the_shipped_pipelines():
         assert schema["properties"]["pipeline"]["enum"] == shipped, fl.name
     q = reprocess.parameters.model_dump()["definitions"]["ReprocessQuery"]["properties"]
     assert {"scan_path_contains", "pipeline_name", "created_before", "created_after"} <= set(q)
+
+
+def test_reprocess_query_by_proposal_sample_time_and_code(tmp_path):
+    """The catalog query behind ``reprocess``: proposal, sample, acquisition dates, age and
+    code version of the products, on catalog rows whose scans carry NeXus metadata."""
+    import datetime as dt
+
+    from catalog.db import Catalog
+    from flows.facility import ReprocessQuery, select_scans
+
+    cat = Catalog.for_products(tmp_path)
+    rows = [("mx1", "cellA", "2026-03-01T08:00:00Z", "0.1.0"), ("mx1", "cellB", "2026-03-05T08:00:00Z", "0.1.0"),
+            ("mx2", "cellA", "2026-04-01T08:00:00Z", "0.2.0"), ("", "", None, "0.2.0")]
+    for k, (prop, sample, t, code) in enumerate(rows):
+        meta = {key: v for key, v in (("proposal", prop), ("sample", sample), ("start_time", t)) if v}
+        cat.register_product(
+            product_id=f"{k:024d}", location=f"/p/{k}.zarr", scan_path=f"/raw/s{k}.nxs",
+            scan_checksum=f"{k:064d}", scan_kind="frames", geometry={}, poni=f"/cal/{k}.poni",
+            calibration={"poni": f"{k:064d}"}, pipeline_name="default", spec={"k": k},
+            code_version=code, inputs={}, timings={}, wall_time_s=1.0, metadata=meta)
+
+    def scans(**q):
+        return sorted(p for p, _ in select_scans(cat, ReprocessQuery(**q)))
+    assert scans(proposal="mx1") == ["/raw/s0.nxs", "/raw/s1.nxs"]
+    assert scans(proposal="mx1", sample="cellB") == ["/raw/s1.nxs"]
+    assert scans(sample="cellA") == ["/raw/s0.nxs", "/raw/s2.nxs"]
+    assert scans(acquired_after=dt.datetime(2026, 3, 2), acquired_before=dt.datetime(2026, 5, 1)) == \
+        ["/raw/s1.nxs", "/raw/s2.nxs"]
+    assert scans(code_version_not="0.2.0") == ["/raw/s0.nxs", "/raw/s1.nxs"]
+    assert scans(older_than_days=1) == [] and len(scans(older_than_days=0)) == 4
+    assert select_scans(cat, ReprocessQuery(proposal="mx2")) == [("/raw/s2.nxs", "/cal/2.poni")]
+    with pytest.raises(ValueError, match="extra"):
+        ReprocessQuery(propsal="mx1")
