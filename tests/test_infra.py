@@ -339,3 +339,35 @@ def test_slurm_job_script():
     assert "#SBATCH -p gpu" in script and "#SBATCH -A p123" in script
     assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
     assert "module load cuda" in script
+
+
+def test_slurm_job_script_starts_a_worker_that_joins(tmp_path):
+    """No SLURM here: run the body of the generated sbatch script with bash (the #SBATCH
+    lines are comments to bash) and check that the worker it starts joins the cluster's
+    scheduler and computes (the part of a SLURM job that is ours, not SLURM's)."""
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue not installed (facility-side)")
+    from distributed import Client
+
+    slurm = _load(INFRA / "dask" / "slurm_cluster.py")
+    args = slurm.build_parser().parse_args(["--gpus", "0", "--cores", "1", "--memory", "2GB",
+                                            "--port", "0", "--interface", "lo"])
+    cluster = slurm.make_cluster(args)
+    job = tmp_path / "job.sh"
+    job.write_text(cluster.job_script())
+    root = str(Path(__file__).parents[1])
+    worker = subprocess.Popen(["bash", str(job)], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONPATH": root})
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=120)
+            from tasks.reconstruct import circle_mask
+            assert int(client.submit(lambda n: int(circle_mask(n).sum()), 9).result(timeout=60)) == \
+                int(circle_mask(9).sum())
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        cluster.close()
