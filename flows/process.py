@@ -369,33 +369,65 @@ def stage_mapping(req: Request) -> dict:
     return {"seconds": dt, **summary}
 
 
-def stage_publish(req: Request, started: float, stage_info: dict) -> str:
-    """Write provenance and the overview PNG, then publish the work store atomically."""
+#: Provenance keys that describe one run rather than the product. They are moved out of the
+#: store before publishing (so one request gives the same bytes, made in one go or resumed
+#: after a crash) into the run record ``<out>/<product_id>.run.json`` and the catalog.
+RUN_KEYS = ("timings_s", "work_token", "stages_done")
+
+
+def _run_record(req: Request, started: float, stage_info: dict) -> dict:
+    """Split the work store's provenance into the product's (kept, canonical) and this
+    run's (returned): timings, work token, stage seconds, resumed stages, wall time."""
+    prov = store.provenance(req.work)
+    run = {k: prov.pop(k) for k in RUN_KEYS if k in prov}
     spec = req.spec
-    store.update_attrs(req.work, {
+    prov.update({
         "product_id": req.product_id, "pipeline_spec": json.loads(req.spec_json),
         "pipeline_name": spec.name, "schema_version": spec.schema_version,
         "code_version": store.code_version(), "packages": store.package_versions(),
         "inputs": {"scan": req.scan, "checksums": req.inputs},
         "calibration": {"poni": req.poni, "checksums": req.calibration},
-        "stages": stage_info, "created_unix": time.time(),
-        "wall_time_s": time.perf_counter() - started})
-    png = req.work.with_suffix(".png")
+        "stages": {name: {k: v for k, v in info.items() if k not in ("seconds", "resumed")}
+                   for name, info in stage_info.items()}})
+    store.set_provenance(req.work, prov)
+    run.update({"product_id": req.product_id, "flow_run_id": _flow_run_id(),
+                "created_unix": time.time(), "wall_time_s": time.perf_counter() - started,
+                "stage_seconds": {n: i.get("seconds") for n, i in stage_info.items()},
+                "resumed_stages": [n for n, i in stage_info.items() if i.get("resumed")]})
+    return run
+
+
+def run_record(product: str | Path) -> dict:
+    """The run record beside a product (``<id>.run.json``): stage timings, wall time,
+    creation time, flow-run id, resumed stages. Empty when absent."""
+    p = Path(product).with_suffix(".run.json")
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def stage_publish(req: Request, started: float, stage_info: dict) -> str:
+    """Write provenance, the run record and the overview PNG, then publish the work store
+    atomically (the PNG and run record are renamed beside it right after)."""
+    spec = req.spec
+    run = _run_record(req, started, stage_info)
+    side = {".png": req.work.with_suffix(".png"), ".run.json": req.work.with_suffix(".run.json")}
+    side[".run.json"].write_text(json.dumps(store._jsonable(run), indent=1, sort_keys=True))
     if spec.output.overview_png:  # drawn before publishing, renamed beside the product after
         from tasks.plots import overview_png
 
-        overview_png(req.work, png)
+        overview_png(req.work, side[".png"])
     try:
         final = store.publish(req.work, req.final)
     except store.ProductExistsError:
-        # a concurrent request for the same content address published first: same inputs,
+        # published meanwhile by a run that did not hold the product lock: same inputs,
         # same spec, same code, so the same product; drop this attempt and return that one
         shutil.rmtree(req.work, ignore_errors=True)
-        png.unlink(missing_ok=True)
+        for f in side.values():
+            f.unlink(missing_ok=True)
         return str(req.final)
-    if png.exists():
-        os.replace(png, final.with_suffix(".png"))
-    _register(req, final, stage_info, time.perf_counter() - started)
+    for suffix, f in side.items():
+        if f.exists():
+            os.replace(f, final.with_suffix(suffix))
+    _register(req, final, stage_info, run)
     _summary_artifact(req, final)
     return str(final)
 
@@ -408,7 +440,7 @@ def summary_rows(product: str | Path) -> list[tuple[str, str]]:
             ("pipeline", f"{prov.get('pipeline_name')} (schema {prov.get('schema_version')}, "
                          f"code {prov.get('code_version')})"),
             ("scan", str(prov.get("inputs", {}).get("scan")))]
-    rows += [(f"time: {k}", f"{v:.2f} s") for k, v in prov.get("timings_s", {}).items()]
+    rows += [(f"time: {k}", f"{v:.2f} s") for k, v in run_record(product).get("timings_s", {}).items()]
     sino = prov.get("stages", {}).get("sinogram")
     if sino:
         rows.append(("centre of rotation", ", ".join(f"{c:.2f} px" for c in sino["center_px"])))
@@ -455,7 +487,7 @@ def _flow_run_id() -> str | None:
         return None
 
 
-def _register(req: Request, final: Path, stage_info: dict, wall: float) -> None:
+def _register(req: Request, final: Path, stage_info: dict, run: dict) -> None:
     """Record the product in the catalog (SQLite beside the products by default)."""
     import hashlib
 
@@ -466,11 +498,12 @@ def _register(req: Request, final: Path, stage_info: dict, wall: float) -> None:
                 hashlib.sha256(json.dumps(req.inputs, sort_keys=True).encode()).hexdigest())
     Catalog.for_products(req.out).register_product(
         product_id=req.product_id, location=str(final), scan_path=req.scan, scan_checksum=scan_sum,
-        scan_kind=stage_info.get("ingest", {}).get("kind", ""), geometry=stage_info.get("ingest", {}),
+        scan_kind=stage_info.get("ingest", {}).get("kind", ""),
+        geometry={k: v for k, v in stage_info.get("ingest", {}).items() if k not in ("resumed", "metadata")},
         poni=req.poni, calibration=req.calibration, pipeline_name=prov.get("pipeline_name", ""),
         spec=json.loads(req.spec_json), code_version=prov.get("code_version", ""),
-        inputs=req.inputs, timings=prov.get("timings_s", {}), wall_time_s=wall,
-        flow_run_id=_flow_run_id(), metadata=stage_info.get("ingest", {}).get("metadata"))
+        inputs=req.inputs, timings=run.get("timings_s", {}), wall_time_s=run.get("wall_time_s"),
+        flow_run_id=run.get("flow_run_id"), metadata=stage_info.get("ingest", {}).get("metadata"))
 
 
 def _timings(work) -> dict:

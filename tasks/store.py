@@ -180,6 +180,22 @@ def update_attrs(store: str | Path, attrs: dict) -> None:
     grp.attrs[PROVENANCE_KEY] = prov
 
 
+def set_provenance(store: str | Path, prov: dict) -> None:
+    """Replace the store's provenance (root attrs under ``xrdct``) by ``prov``, with every
+    mapping's keys sorted, so that equal provenance is equal bytes in ``zarr.json``."""
+    import zarr
+
+    def canonical(o):
+        if isinstance(o, dict):
+            return {k: canonical(o[k]) for k in sorted(o)}
+        if isinstance(o, list):
+            return [canonical(v) for v in o]
+        return o
+
+    grp = zarr.open_group(str(store), mode="a")
+    grp.attrs[PROVENANCE_KEY] = canonical(_jsonable(prov))
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
