@@ -9,6 +9,7 @@ cluster given by address). Runs with no Prefect server configured (ephemeral API
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -692,16 +693,30 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
         if done:
             _log_info(f"product {req.product_id}: resuming after {', '.join(done)}")
         info = {}
+
+        def run(name, *args):
+            try:
+                return stages[name](req, *args)
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # a half-written array cannot be resumed from: drop the work store
+                shutil.rmtree(req.work, ignore_errors=True)
+                raise ProcessingError(
+                    f"disk full while stage {name} wrote the work store {req.work} of product "
+                    f"{req.product_id} ({err.strerror}); the work store was removed and nothing "
+                    f"was published; free space under {Path(req.out)} and run again") from err
+
         with _dask_client(dask_address, n_workers):
-            info["ingest"] = stages["ingest"](req)
-            info["integrate"] = stages["integrate"](req)
+            info["ingest"] = run("ingest")
+            info["integrate"] = run("integrate")
             kind = info["integrate"]["kind"]
             if kind != "map" and spec.reconstruction.enabled:
-                info["sinogram"] = stages["sinogram"](req)
-                info["reconstruct"] = stages["reconstruct"](req)
+                info["sinogram"] = run("sinogram")
+                info["reconstruct"] = run("reconstruct")
             if spec.mapping.enabled and (kind == "map" or spec.reconstruction.enabled):
-                info["mapping"] = stages["mapping"](req)
-            return stages["publish"](req, started, info)
+                info["mapping"] = run("mapping")
+            return run("publish", started, info)
 
 
 def plain_stages() -> dict:
