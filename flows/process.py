@@ -283,8 +283,43 @@ def stage_sinogram(req: Request) -> dict:
     return {"seconds": dt, "center_px": centers}
 
 
+class SliceCheckpoints:
+    """Finished slices of one stage, kept while the stage runs (``<out>/.work/<id>.<stage>.slices/``).
+
+    A stage that fails on one slice (and the Prefect retry of it, or a later request after a
+    crash) reuses the slices finished before, and recomputes only the rest. Each slice is
+    one ``.npy`` file written to a temporary name and renamed, so a kill never leaves a
+    half-written slice. The folder is removed when the stage has written its output.
+    """
+
+    def __init__(self, req: Request, stage: str):
+        self.dir = req.work.with_name(f"{req.work.stem}.{stage}.slices")
+
+    def _path(self, iz: int) -> Path:
+        return self.dir / f"z{iz:05d}.npy"
+
+    def load(self, iz: int) -> np.ndarray | None:
+        """The kept result of slice ``iz``, or None."""
+        p = self._path(iz)
+        return np.load(p, allow_pickle=False) if p.is_file() else None
+
+    def save(self, iz: int, arr: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(iz).with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        os.replace(tmp, self._path(iz))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def stage_reconstruct(req: Request) -> dict:
-    """FBP of every radial bin of every slice in one batched call per slice."""
+    """FBP of every radial bin of every slice in one batched call per slice.
+
+    Slices are kept as they finish (:class:`SliceCheckpoints`); a slice that fails raises
+    :class:`ProcessingError` naming it, and a retry recomputes only the slices not kept.
+    """
     import xarray as xr
 
     from tasks.reconstruct import fbp
@@ -295,11 +330,27 @@ def stage_reconstruct(req: Request) -> dict:
     ds = store.open_product(req.work)
     sino = ds["sinogram"]
     angles = ds["angle"].values
-    vols = []
-    for iz in range(sino.sizes["z"]):
-        vols.append(fbp(np.asarray(sino.isel(z=iz).values, np.float32), angles, filter=r.filter,
-                        circle=r.circle, clip_negative=r.clip_negative, backend=r.backend))
-        progress.report("reconstruct", iz + 1, sino.sizes["z"])
+    nz = sino.sizes["z"]
+    kept = SliceCheckpoints(req, "reconstruct")
+    vols, reused = [], 0
+    for iz in range(nz):
+        v = kept.load(iz)
+        if v is None:
+            try:
+                v = fbp(np.asarray(sino.isel(z=iz).values, np.float32), angles, filter=r.filter,
+                        circle=r.circle, clip_negative=r.clip_negative, backend=r.backend)
+            except Exception as err:
+                z = float(ds["z"].values[iz])
+                raise ProcessingError(
+                    f"stage reconstruct: slice {iz} of {nz} (z = {z:g} mm) of {req.scan} failed: "
+                    f"{type(err).__name__}: {err} ({iz - reused} slice(s) finished in this "
+                    f"attempt and {reused} earlier are kept for the retry)") from err
+            v = np.asarray(v, np.float32)
+            kept.save(iz, v)
+        else:
+            reused += 1
+        vols.append(v)
+        progress.report("reconstruct", iz + 1, nz)
     vol = np.stack(vols).astype(np.float32)
     step = float(store.provenance(req.work).get("translation_step_mm", 1.0))
     n = vol.shape[1]
@@ -309,9 +360,10 @@ def stage_reconstruct(req: Request) -> dict:
                      coords={"y": ("y", _coords_xy(n, step), {"units": "mm"}),
                              "x": ("x", _coords_xy(vol.shape[2], step), {"units": "mm"})})
     store.write_variables(req.work, new, level=spec.output.compressor_level)
+    kept.clear()
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "reconstruct": dt}})
-    return {"seconds": dt}
+    return {"seconds": dt, "slices_reused": reused}
 
 
 def stage_mapping(req: Request) -> dict:
@@ -374,6 +426,7 @@ def stage_mapping(req: Request) -> dict:
 #: store before publishing (so one request gives the same bytes, made in one go or resumed
 #: after a crash) into the run record ``<out>/<product_id>.run.json`` and the catalog.
 RUN_KEYS = ("timings_s", "work_token", "stages_done")
+_RUN_INFO = ("seconds", "resumed", "slices_reused")  # per-stage info of the run, not the product
 
 
 def _run_record(req: Request, started: float, stage_info: dict) -> dict:
@@ -388,13 +441,15 @@ def _run_record(req: Request, started: float, stage_info: dict) -> dict:
         "code_version": store.code_version(), "packages": store.package_versions(),
         "inputs": {"scan": req.scan, "checksums": req.inputs},
         "calibration": {"poni": req.poni, "checksums": req.calibration},
-        "stages": {name: {k: v for k, v in info.items() if k not in ("seconds", "resumed")}
+        "stages": {name: {k: v for k, v in info.items() if k not in _RUN_INFO}
                    for name, info in stage_info.items()}})
     store.set_provenance(req.work, prov)
     run.update({"product_id": req.product_id, "flow_run_id": _flow_run_id(),
                 "created_unix": time.time(), "wall_time_s": time.perf_counter() - started,
                 "stage_seconds": {n: i.get("seconds") for n, i in stage_info.items()},
-                "resumed_stages": [n for n, i in stage_info.items() if i.get("resumed")]})
+                "resumed_stages": [n for n, i in stage_info.items() if i.get("resumed")],
+                "slices_reused": {n: i["slices_reused"] for n, i in stage_info.items()
+                                  if "slices_reused" in i}})
     return run
 
 
@@ -544,7 +599,7 @@ def _build_flow():
     t_ingest = cached("ingest", stage_ingest, retries=1)
     t_integrate = cached("integrate", stage_integrate, retries=1)
     t_sinogram = cached("sinogram", stage_sinogram)
-    t_reconstruct = cached("reconstruct", stage_reconstruct)
+    t_reconstruct = cached("reconstruct", stage_reconstruct, retries=1)
     t_mapping = cached("mapping", stage_mapping)
     t_publish = task(name="publish")(stage_publish)
 
@@ -696,12 +751,17 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
 
         def run(name, *args):
             try:
-                return stages[name](req, *args)
+                out = stages[name](req, *args)
+                if name in done:  # finished by an earlier attempt (work-store record or Prefect cache)
+                    out = {**out, "resumed": True}
+                return out
             except OSError as err:
                 if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 # a half-written array cannot be resumed from: drop the work store
                 shutil.rmtree(req.work, ignore_errors=True)
+                for d in req.work.parent.glob(f"{req.work.stem}.*.slices"):
+                    shutil.rmtree(d, ignore_errors=True)
                 raise ProcessingError(
                     f"disk full while stage {name} wrote the work store {req.work} of product "
                     f"{req.product_id} ({err.strerror}); the work store was removed and nothing "

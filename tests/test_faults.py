@@ -179,3 +179,39 @@ def test_twenty_simultaneous_requests(tmp_path):
     cat = Catalog.for_products(tmp_path / "different")
     assert len(cat.products()) == 20 and len(cat.scans()) == 20 and len(cat.runs()) == 20
     assert len({p.scan_id for p in cat.products()}) == 20
+
+
+def test_a_slice_that_fails_is_named_and_the_others_are_kept(tmp_path, monkeypatch):
+    """Two slices; FBP raises on the second. Prefect retries the reconstruct task once (the
+    first slice is not recomputed), then the flow fails with the slice named. The next run
+    reuses the kept first slice and completes."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    import tasks.reconstruct as rec
+
+    sim = simulate_scan(tmp_path / "scan", preset("small").model_copy(
+        update={**TINY, "z_mm": [0.0, 0.25]}))
+    real_fbp = rec.fbp
+    calls = []
+
+    def flaky(sino, *a, **kw):
+        calls.append(float(np.asarray(sino).sum()))
+        if len(calls) >= 2:
+            raise FloatingPointError("injected failure")
+        return real_fbp(sino, *a, **kw)
+    out = tmp_path / "out"
+    args = dict(scan=str(sim.nexus_path), poni=str(sim.poni_path), pipeline="demo", out=str(out))
+    with prefect_test_harness(server_startup_timeout=120):
+        monkeypatch.setattr(rec, "fbp", flaky)
+        with pytest.raises(process.ProcessingError, match=r"slice 1 of 2 \(z = 0\.25 mm\)") as err:
+            process.get_flow()(**args)
+        assert "1 earlier are kept" in str(err.value)  # the retry reused slice 0
+        assert len(calls) == 3 and calls[1] == calls[2] != calls[0]  # slice 0 once, slice 1 twice
+        assert not list(out.glob("*.zarr"))
+        monkeypatch.setattr(rec, "fbp", real_fbp)
+        path = process.get_flow()(**args)
+    run = process.run_record(path)
+    assert run["slices_reused"] == {"reconstruct": 1}
+    assert run["resumed_stages"] == ["ingest", "integrate", "sinogram"]
+    assert store.open_product(path)["volume"].sizes["z"] == 2
+    assert not any((out / ".work").iterdir())
