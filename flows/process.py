@@ -179,18 +179,18 @@ def stage_integrate(req: Request) -> dict:
                     "radial": ("radial", radial, {"unit": unit, "units": unit})})
         wavelength = scan.wavelength_m or spec.input.wavelength_m
     else:
-        g = scan.grid()
-        radial, patterns, sigma = integrate_scan(scan, spec, poni=req.poni, client=_current_client(),
-                                                 progress=progress.callback("integrate"))
-        if sigma is None:
-            sigma = np.full_like(patterns, np.nan)
-        unit = spec.integration.unit
+        # Streamed: the variables are created first (lazy zero chunks), then filled chunk by
+        # chunk as batches of frames are integrated (store.GridWriter); nothing of the
+        # scan's length is held in memory.
         import pyFAI
 
+        from tasks.integrate import integrator_from_spec
+
+        g = scan.grid()
+        integ = integrator_from_spec(spec, shape=scan.frame_shape, poni=req.poni)
+        radial = integ.radial if spec.integration.method == "mean" else integ.radial_clip
+        unit = spec.integration.unit
         wavelength = float(pyFAI.load(req.poni).wavelength)
-        idx = g.index
-        pat = patterns[idx]            # (nz, na, nt, npt)
-        sig = sigma[idx]
         radial_c = ("radial", np.asarray(radial, float), {"unit": unit, "units": unit,
                                                           "wavelength_m": wavelength})
         # a raster map has no rotation: its grid's two axes are y and x, and its patterns
@@ -204,13 +204,23 @@ def stage_integrate(req: Request) -> dict:
                   d2: (d2, np.asarray(g.translation, float), {"units": "mm"}),
                   "radial": radial_c}
         long = "integrated intensity" + (" of a raster map (no reconstruction)" if is_map else "")
-        ds = xr.Dataset({name: (dims, pat.astype(np.float32), {"long_name": long, "units": "counts / monitor"}),
-                         f"{name}_sigma": (dims, sig.astype(np.float32),
+        shape = tuple(g.index.shape) + (len(radial),)
+        ds = xr.Dataset({name: (dims, store.lazy_zeros(dims, shape),
+                                {"long_name": long, "units": "counts / monitor"}),
+                         f"{name}_sigma": (dims, store.lazy_zeros(dims, shape),
                                            {"long_name": "standard error (Poisson)", "units": "counts / monitor"})},
                         coords=coords)
+        ds["radial"].attrs["wavelength_m"] = wavelength if wavelength else float("nan")
+        store.write_variables(req.work, ds, level=spec.output.compressor_level)
+        writer = store.GridWriter(req.work, [name, f"{name}_sigma"], g.index)
+        integrate_scan(scan, spec, poni=req.poni, client=_current_client(), integrator=integ,
+                       progress=progress.callback("integrate"), sink=writer)
+        writer.close()
         attrs["integration_method"] = spec.integration.method
-    ds["radial"].attrs["wavelength_m"] = wavelength if wavelength else float("nan")
-    store.write_variables(req.work, ds, level=spec.output.compressor_level)
+        ds = None
+    if ds is not None:
+        ds["radial"].attrs["wavelength_m"] = wavelength if wavelength else float("nan")
+        store.write_variables(req.work, ds, level=spec.output.compressor_level)
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {"integrate": dt}, "scan_kind": scan.kind,
                                   "wavelength_m": wavelength, **attrs})

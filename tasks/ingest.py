@@ -135,6 +135,10 @@ class Scan:
         Every file read (for checksums): the HDF5 file, or the scan table and its images.
     frames_dataset : str or None
         HDF5 path of the frames (for messages), or the table column ``file``.
+    reader : array-like or None
+        The picklable reader behind ``frames`` (``reader[s:e]`` reads exactly frames
+        ``s:e``, whatever the dask chunking); what batch readers use so that a batch never
+        reads a whole dask chunk to keep a few frames of it.
     """
 
     kind: str
@@ -154,6 +158,7 @@ class Scan:
     map_x: np.ndarray | None = None
     files: list = field(default_factory=list)
     frames_dataset: str | None = None
+    reader: Any = None
 
     @property
     def n_frames(self) -> int:
@@ -904,7 +909,7 @@ def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
     frames = _lazy(reader, (token, name, stored), chunk_frames)
     return Scan(kind="frames", source=str(p), frames=frames, angle=angle,
                 translation=translation, z=z, monitor=monitor, wavelength_m=spec.wavelength_m,
-                files=[str(p)], frames_dataset=name)
+                files=[str(p)], frames_dataset=name, reader=reader)
 
 
 def _read_table(table: Path) -> tuple[list[str], list[list[str]]]:
@@ -1029,7 +1034,7 @@ def open_image_series(table_path, spec=None, poni_shape: tuple[int, int] | None 
     frames = _lazy(reader, token, chunk_frames)
     scan = Scan(kind=kind, source=str(table), frames=frames, monitor=monitor,
                 wavelength_m=spec.wavelength_m, files=[str(table)] + files,
-                frames_dataset="file")
+                frames_dataset="file", reader=reader)
     if kind == "frames":
         scan.angle, scan.translation, scan.z = arr["angle"], arr["translation"], arr.get("z")
     else:

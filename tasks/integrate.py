@@ -792,8 +792,24 @@ def integrate_batch(integ: RadialIntegrator, block, monitor, ispec, source: str,
 _WORKER_INTEGRATORS: dict = {}
 
 
-def _worker_integrate(spec_json: str, base_dir, poni, shape, frames, monitor, s: int, e: int, source: str):
-    """Runs on a Dask worker: integrate frames ``s:e`` of the scan (integrator cached)."""
+def _batch_source(scan):
+    """What a batch is read from: the scan's reader when it has one (reads exactly the
+    batch's frames), else its dask array (computes the chunks the batch overlaps)."""
+    return scan.reader if getattr(scan, "reader", None) is not None else scan.frames
+
+
+def _read_block(source, s: int, e: int) -> np.ndarray:
+    """Frames ``s:e`` of a batch source (reader or dask array), as numpy."""
+    if hasattr(source, "dask"):
+        return np.asarray(source[s:e].compute(scheduler="synchronous"))
+    return np.asarray(source[s:e])
+
+
+def _worker_integrate(spec_json: str, base_dir, poni, shape, frames, monitor, s: int, e: int,
+                      source: str, first_index: int = 0):
+    """Runs on a Dask worker: integrate frames ``s:e`` of ``frames`` (the scan's reader, or
+    a dask array of the batch), frame ``s`` being scan frame ``first_index`` (integrator
+    cached per process)."""
     from pipelines.spec import parse_spec  # noqa: PLC0415
 
     key = (spec_json, str(base_dir), str(poni), tuple(shape))
@@ -802,13 +818,12 @@ def _worker_integrate(spec_json: str, base_dir, poni, shape, frames, monitor, s:
         spec = parse_spec(__import__("json").loads(spec_json), source="<worker>", base_dir=base_dir)
         _WORKER_INTEGRATORS[key] = (spec, integrator_from_spec(spec, shape=shape, poni=poni))
     spec, integ = _WORKER_INTEGRATORS[key]
-    block = np.asarray(frames.compute(scheduler="synchronous"))
+    block = _read_block(frames, s, e)
     dummy, delta = integ.dummies(block.dtype)
-    return integrate_batch(integ, block, monitor, spec.integration, source, s, dummy, delta)
+    return integrate_batch(integ, block, monitor, spec.integration, source, first_index, dummy, delta)
 
 
-def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, patterns, sigma,
-                          progress):
+def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, emit, progress):
     from distributed import as_completed  # noqa: PLC0415
 
     n = scan.n_frames
@@ -821,8 +836,12 @@ def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, p
     def submit(s):
         e = min(n, s + batch)
         mon = None if scan.monitor is None else scan.monitor[s:e]
+        if getattr(scan, "reader", None) is not None:  # the worker reads exactly s:e
+            source, a, b = scan.reader, s, e
+        else:
+            source, a, b = scan.frames[s:e], 0, e - s
         return client.submit(_worker_integrate, spec_json, spec.base_dir, str(poni), integ.shape,
-                             scan.frames[s:e], mon, s, e, src, key=f"integrate-{s}-{e}-{id(scan)}",
+                             source, mon, a, b, src, first_index=s, key=f"integrate-{s}-{e}-{id(scan)}",
                              pure=False)
 
     futures = {}
@@ -837,9 +856,7 @@ def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, p
         e = min(n, s + batch)
         i, sg = f.result()
         f.release()
-        patterns[s:e] = i
-        if sigma is not None and sg is not None:
-            sigma[s:e] = sg
+        emit(s, e, i, sg)
         done += e - s
         if progress is not None:
             progress(done, n)
@@ -883,7 +900,7 @@ def integrator_from_spec(spec, shape=None, poni=None) -> RadialIntegrator:
 
 def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = None,
                    integrator: RadialIntegrator | None = None, poni=None,
-                   max_batch_bytes: int = 512 * 2**20, client=None):
+                   max_batch_bytes: int = 512 * 2**20, client=None, sink=None):
     """Integrate every frame of a scan, streaming batches of frames.
 
     Frames are computed ``spec.integration.batch_frames`` at a time, fewer when a batch would
@@ -909,15 +926,22 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
         (cached per process), reads its frames from the file itself (the readers re-open
         the file by path), and at most two batches per worker are in flight, so host memory
         stays bounded by batch size x workers whatever the scan length.
+    sink : callable(start, stop, intensity, sigma), optional
+        Receives each batch's results (frames ``start:stop``, arrays ``(stop - start, npt)``
+        float32, sigma possibly None) instead of collecting them, so that nothing of size
+        ``n_frames`` is held (e.g. :class:`tasks.store.GridWriter`). Batches arrive in scan
+        order without a client, in completion order with one.
 
     Returns
     -------
     radial : numpy.ndarray, shape (npt,), float64
         Bin centres in ``spec.integration.unit``.
-    patterns : numpy.ndarray, shape (n_frames, npt), float32
-        Intensity per frame (divided by the scan's monitor when it has one).
+    patterns : numpy.ndarray, shape (n_frames, npt), float32, or None
+        Intensity per frame (divided by the scan's monitor when it has one); None with a
+        ``sink``.
     sigma : numpy.ndarray, shape (n_frames, npt), float32, or None
-        Standard errors (None for ``error_model="none"`` with ``method="mean"``).
+        Standard errors (None for ``error_model="none"`` with ``method="mean"``, or with a
+        ``sink``).
 
     Raises
     ------
@@ -942,20 +966,32 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
     batch = max(1, min(int(ispec.batch_frames), int(max_batch_bytes) // max(frame_bytes, 1)))
     dummy, delta = integ.dummies(scan.frames.dtype)
     src = f"{scan.source}: {scan.frames_dataset or 'frames'}"
-    patterns = np.zeros((n, integ.npt), np.float32)
     want_sigma = not (method == "mean" and ispec.error_model != "poisson")
-    sigma = np.zeros((n, integ.npt), np.float32) if want_sigma else None
     radial = integ.radial if method == "mean" else integ.radial_clip
+    if sink is None:
+        patterns = np.zeros((n, integ.npt), np.float32)
+        sigma = np.zeros((n, integ.npt), np.float32) if want_sigma else None
+
+        def emit(s, e, i, sg):
+            patterns[s:e] = i
+            if sigma is not None and sg is not None:
+                sigma[s:e] = sg
+    else:
+        patterns = sigma = None
+
+        def emit(s, e, i, sg):
+            sink(s, e, i, sg if want_sigma else None)
 
     starts = list(range(0, n, batch))
     if client is not None:
-        _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, patterns, sigma,
-                              progress)
+        _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, emit, progress)
         return radial, patterns, sigma
+
+    source = _batch_source(scan)
 
     def load(s):
         e = min(n, s + batch)
-        return s, e, np.asarray(scan.frames[s:e].compute(scheduler="synchronous"))
+        return s, e, _read_block(source, s, e)
 
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(load, starts[0])
@@ -965,9 +1001,8 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
                 fut = pool.submit(load, starts[k + 1])
             mon = None if scan.monitor is None else scan.monitor[s:e]
             i, sg = integrate_batch(integ, block, mon, ispec, src, s, dummy, delta)
-            patterns[s:e] = i
-            if sigma is not None and sg is not None:
-                sigma[s:e] = sg
+            del block
+            emit(s, e, i, sg)
             if progress is not None:
                 progress(e, n)
     return radial, patterns, sigma
