@@ -214,7 +214,7 @@ def stage_integrate(req: Request) -> dict:
         store.write_variables(req.work, ds, level=spec.output.compressor_level)
         writer = store.GridWriter(req.work, [name, f"{name}_sigma"], g.index)
         integrate_scan(scan, spec, poni=req.poni, client=_current_client(), integrator=integ,
-                       progress=progress.callback("integrate"), sink=writer)
+                       progress=progress.callback("integrate"), sink=writer, backend=spec.backend)
         writer.close()
         attrs["integration_method"] = spec.integration.method
         ds = None
@@ -289,18 +289,24 @@ def stage_reconstruct(req: Request) -> dict:
     """FBP of every radial bin of every slice in one batched call per slice."""
     import xarray as xr
 
+    from tasks._xp import resolve_backend, to_numpy
     from tasks.reconstruct import fbp
 
     spec = req.spec
     r = spec.reconstruction
+    # the batched FBP runs cupy arrays as they are (astra/tomopy take numpy)
+    on_gpu = resolve_backend(spec.backend) == "gpu" and r.backend in ("numpy", "auto")
+    if on_gpu:
+        import cupy
     t0 = time.perf_counter()
     ds = store.open_product(req.work)
     sino = ds["sinogram"]
     angles = ds["angle"].values
     vols = []
     for iz in range(sino.sizes["z"]):
-        vols.append(fbp(np.asarray(sino.isel(z=iz).values, np.float32), angles, filter=r.filter,
-                        circle=r.circle, clip_negative=r.clip_negative, backend=r.backend))
+        s = np.asarray(sino.isel(z=iz).values, np.float32)
+        vols.append(to_numpy(fbp(cupy.asarray(s) if on_gpu else s, angles, filter=r.filter,
+                                 circle=r.circle, clip_negative=r.clip_negative, backend=r.backend)))
         progress.report("reconstruct", iz + 1, sino.sizes["z"])
     vol = np.stack(vols).astype(np.float32)
     step = float(store.provenance(req.work).get("translation_step_mm", 1.0))
@@ -517,7 +523,7 @@ def _build_flow():
     @resolved_annotations
     def process_scan(scan: str, poni: str | None = None, pipeline: Pipeline = "default",
                      out: str = "xrdct-out", dask_address: str | None = None,
-                     n_workers: int | None = None) -> str:
+                     n_workers: int | None = None, backend: str | None = None) -> str:
         """Process one XRD-CT scan into a chemical-image product (Zarr v3).
 
         Parameters
@@ -532,9 +538,11 @@ def _build_flow():
             Product directory; the product is ``<out>/<product_id>.zarr``.
         dask_address : str, optional
             Attach to an existing Dask scheduler instead of starting a LocalCluster.
+        backend : {"cpu", "gpu", "auto"}, optional
+            Array backend, overriding the spec's ``backend``.
         """
         return run_pipeline(scan, poni=poni, pipeline=pipeline, out=out, dask_address=dask_address,
-                            n_workers=n_workers,
+                            n_workers=n_workers, backend=backend,
                             stages=dict(ingest=t_ingest, integrate=t_integrate, sinogram=t_sinogram,
                                         reconstruct=t_reconstruct, mapping=t_mapping, publish=t_publish))
 
@@ -542,12 +550,22 @@ def _build_flow():
 
 
 def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_address=None,
-                 n_workers=None, stages=None) -> str:
+                 n_workers=None, stages=None, backend=None) -> str:
     """Run every stage of the pipeline on one scan; returns the published product path.
 
     ``stages`` maps stage names to callables (Prefect tasks inside the flow; the plain
     ``stage_*`` functions otherwise). An already-published product is returned as is.
+    ``backend`` (``cpu``, ``gpu``, ``auto``) overrides the spec's ``backend`` (it is part
+    of the spec, hence of the product id); ``gpu`` without a device raises
+    :class:`tasks._xp.BackendError` before anything runs.
     """
+    if backend is not None:
+        from tasks._xp import BACKENDS
+
+        if backend not in BACKENDS:
+            raise SpecError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        pipeline = (pipeline if isinstance(pipeline, PipelineSpec) else load_spec(pipeline)).model_copy(deep=True)
+        pipeline.backend = backend
     stages = stages or dict(ingest=stage_ingest, integrate=stage_integrate, sinogram=stage_sinogram,
                             reconstruct=stage_reconstruct, mapping=stage_mapping, publish=stage_publish)
     started = time.perf_counter()
@@ -555,6 +573,9 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
     if req.final.exists():
         return str(req.final)
     spec = req.spec
+    from tasks._xp import resolve_backend
+
+    resolve_backend(spec.backend)  # gpu without a device: one clear error, before any stage
     req.work.parent.mkdir(parents=True, exist_ok=True)
     info = {}
     with _dask_client(dask_address, n_workers):
