@@ -5,8 +5,10 @@ compressed with the bitshuffle filter (HDF5 filter id 32008) in LZ4 mode, usuall
 per chunk. Reading them through h5py runs the filter inside libhdf5, one chunk at a time
 and under h5py's global lock, so a frame stack decodes on one core. Here the compressed
 bytes of each chunk are read with ``H5Dread_chunk`` (h5py ``DatasetID.read_direct_chunk``,
-cheap: no filter runs) and decoded in a thread pool by the ``bitshuffle`` package's
-``decompress_lz4`` (which releases the GIL).
+cheap: no filter runs) and decoded in a thread pool by the ``bitshuffle`` package: its
+C ``bshuf_decompress_lz4`` called through ctypes straight into the output array (GIL
+released, no intermediate copy), or ``bitshuffle.decompress_lz4`` when that symbol is
+not exported.
 
 Decoder: the ``bitshuffle`` PyPI package (``bitshuffle.decompress_lz4``; manylinux wheels
 for CPython 3.11, pulls in nothing but numpy, h5py, Cython and setuptools). hdf5plugin
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["BITSHUFFLE_FILTER_ID", "ChunkPlan", "direct_plan", "read_frames_direct",
-           "decode_bitshuffle_lz4", "decode_threads"]
+           "decode_bitshuffle_lz4", "decode_bitshuffle_lz4_into", "decode_threads"]
 
 #: HDF5 filter id registered for bitshuffle
 BITSHUFFLE_FILTER_ID = 32008
@@ -82,6 +84,68 @@ def _one_openmp_thread() -> None:
             ctypes.CDLL(lib).omp_set_num_threads(1)
         except (OSError, AttributeError):
             pass
+
+
+_C_DECODE = None
+
+
+def _c_decoder():
+    """``bshuf_decompress_lz4`` of the bitshuffle extension through ctypes (decodes straight
+    into a caller's buffer, GIL released by ctypes), or None when the symbol is not there."""
+    global _C_DECODE
+    if _C_DECODE is None:
+        fn = False
+        try:
+            import bitshuffle.ext as ext  # noqa: PLC0415
+
+            lib = ctypes.CDLL(ext.__file__)
+            fn = lib.bshuf_decompress_lz4
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                           ctypes.c_size_t]
+        except (ImportError, OSError, AttributeError):
+            fn = False
+        _C_DECODE = fn
+    return _C_DECODE or None
+
+
+def _header(buf, nbytes_want: int, itemsize: int) -> int:
+    """Check a chunk's 12-byte header; returns the block size in bytes."""
+    if len(buf) < 12:
+        raise ValueError(f"bitshuffle chunk of {len(buf)} bytes: shorter than its 12-byte header")
+    nbytes, block_bytes = struct.unpack(">QI", bytes(buf[:12]))
+    if nbytes != nbytes_want:
+        raise ValueError(f"bitshuffle chunk header says {nbytes} bytes; the chunk holds "
+                         f"{nbytes_want}")
+    if block_bytes % itemsize:
+        raise ValueError(f"bitshuffle block size {block_bytes} bytes is not a multiple of the "
+                         f"element size {itemsize}")
+    return block_bytes
+
+
+def decode_bitshuffle_lz4_into(buf: bytes, out: np.ndarray) -> None:
+    """Decode one HDF5 bitshuffle-LZ4 chunk into ``out`` (C-contiguous, the chunk's shape
+    and dtype), with no intermediate array.
+
+    Raises
+    ------
+    ValueError
+        Header size differing from ``out.nbytes``, a corrupt LZ4 stream, or input bytes left
+        over / missing.
+    """
+    fn = _c_decoder()
+    if fn is None or not out.flags.c_contiguous:
+        out[...] = decode_bitshuffle_lz4(buf, out.shape, out.dtype)
+        return
+    block_bytes = _header(buf, out.nbytes, out.itemsize)
+    payload = np.frombuffer(buf, dtype=np.uint8, offset=12)
+    used = fn(payload.ctypes.data, out.ctypes.data, out.size, out.itemsize,
+              block_bytes // out.itemsize)
+    if used < 0:
+        raise ValueError(f"corrupt bitshuffle-LZ4 chunk: error code {used}")
+    if used != payload.size:
+        raise ValueError(f"corrupt bitshuffle-LZ4 chunk: {payload.size} compressed bytes, "
+                         f"{used} decoded")
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -163,16 +227,7 @@ def decode_bitshuffle_lz4(buf: bytes, shape: tuple, dtype) -> np.ndarray:
     """
     bs = _bitshuffle()
     dtype = np.dtype(dtype)
-    if len(buf) < 12:
-        raise ValueError(f"bitshuffle chunk of {len(buf)} bytes: shorter than its 12-byte header")
-    nbytes, block_bytes = struct.unpack(">QI", bytes(buf[:12]))
-    want = int(np.prod(shape)) * dtype.itemsize
-    if nbytes != want:
-        raise ValueError(f"bitshuffle chunk header says {nbytes} bytes; chunk shape {shape} of "
-                         f"{dtype} holds {want}")
-    if block_bytes % dtype.itemsize:
-        raise ValueError(f"bitshuffle block size {block_bytes} bytes is not a multiple of the "
-                         f"element size {dtype.itemsize}")
+    block_bytes = _header(buf, int(np.prod(shape)) * dtype.itemsize, dtype.itemsize)
     payload = np.frombuffer(buf, dtype=np.uint8, offset=12)
     try:
         return bs.decompress_lz4(payload, tuple(shape), dtype, block_bytes // dtype.itemsize)
@@ -226,15 +281,22 @@ def read_frames_direct(dset, plan: ChunkPlan, scan_shape: tuple, idx: np.ndarray
         mask, buf = dset.id.read_direct_chunk(org + (0, 0))
         raw.append((org, ks, mask, buf))
 
+    whole = np.empty(frame_shape, dtype=np.bool_)[ky, kx].shape == frame_shape
+    one_frame = all(c == 1 for c in lead_chunks)
+
     def decode(item):
         org, ks, mask, buf = item
-        if mask & 1:  # the filter was skipped for this chunk: stored raw
-            chunk = np.frombuffer(buf, dtype=dset.dtype).reshape(plan.chunks)
-        else:
-            try:
-                chunk = decode_bitshuffle_lz4(buf, plan.chunks, dset.dtype)
-            except ValueError as err:
-                raise ValueError(f"chunk at {org + (0, 0)}: {err}") from None
+        try:
+            if mask & 1:  # the filter was skipped for this chunk: stored raw
+                chunk = np.frombuffer(buf, dtype=dset.dtype).reshape(plan.chunks)
+            elif one_frame and whole and len(ks) == 1:  # straight into the output
+                decode_bitshuffle_lz4_into(buf, out[ks[0]])
+                return None
+            else:
+                chunk = np.empty(plan.chunks, dtype=dset.dtype)
+                decode_bitshuffle_lz4_into(buf, chunk)
+        except ValueError as err:
+            raise ValueError(f"chunk at {org + (0, 0)}: {err}") from None
         for k in ks:
             local = tuple(int(c - o) for c, o in zip(coords[k], org))
             out[k] = chunk[local][ky, kx]

@@ -214,3 +214,22 @@ def test_real_bitshuffle_data_bit_exact():
             want = d[()].reshape((-1,) + d.shape[-2:])[idx] if d.size < 2**26 else \
                 np.stack([d[np.unravel_index(i, d.shape[:-2])] for i in idx])
         assert np.array_equal(got, want), f"{f}: {name}"
+
+
+def test_ctypes_decoder_and_python_fallback_agree(tmp_path, frames, monkeypatch):
+    p = _write(tmp_path / "s.nxs", frames, chunks=(1, 37, 53), **hdf5plugin.Bitshuffle(cname="lz4"))
+    with h5py.File(p) as h:
+        d = h["entry/instrument/detector/data"]
+        _m, buf = d.id.read_direct_chunk((3, 0, 0))
+        plan = h5chunks.direct_plan(d)
+        assert h5chunks._c_decoder() is not None, "bitshuffle's C decoder is exported"
+        out = np.empty((1, 37, 53), np.uint32)
+        h5chunks.decode_bitshuffle_lz4_into(buf, out)
+        assert np.array_equal(out[0], frames[3])
+        assert np.array_equal(h5chunks.decode_bitshuffle_lz4(buf, (1, 37, 53), np.uint32)[0], frames[3])
+        with pytest.raises(ValueError, match="header says"):
+            h5chunks.decode_bitshuffle_lz4_into(buf, np.empty((2, 37, 53), np.uint32))
+        monkeypatch.setattr(h5chunks, "_C_DECODE", False)  # no exported symbol: Python API
+        assert h5chunks._c_decoder() is None
+        got = h5chunks.read_frames_direct(d, plan, (12,), np.arange(12))
+    assert np.array_equal(got, frames)
