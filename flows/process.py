@@ -523,7 +523,8 @@ def _build_flow():
     @resolved_annotations
     def process_scan(scan: str, poni: str | None = None, pipeline: Pipeline = "default",
                      out: str = "xrdct-out", dask_address: str | None = None,
-                     n_workers: int | None = None, backend: str | None = None) -> str:
+                     n_workers: int | None = None, backend: str | None = None,
+                     cluster: str | None = None) -> str:
         """Process one XRD-CT scan into a chemical-image product (Zarr v3).
 
         Parameters
@@ -540,9 +541,12 @@ def _build_flow():
             Attach to an existing Dask scheduler instead of starting a LocalCluster.
         backend : {"cpu", "gpu", "auto"}, optional
             Array backend, overriding the spec's ``backend``.
+        cluster : str, optional
+            ``local`` (default), ``cuda`` (LocalCUDACluster, one worker per GPU) or a
+            scheduler address.
         """
         return run_pipeline(scan, poni=poni, pipeline=pipeline, out=out, dask_address=dask_address,
-                            n_workers=n_workers, backend=backend,
+                            n_workers=n_workers, backend=backend, cluster=cluster,
                             stages=dict(ingest=t_ingest, integrate=t_integrate, sinogram=t_sinogram,
                                         reconstruct=t_reconstruct, mapping=t_mapping, publish=t_publish))
 
@@ -550,14 +554,15 @@ def _build_flow():
 
 
 def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_address=None,
-                 n_workers=None, stages=None, backend=None) -> str:
+                 n_workers=None, stages=None, backend=None, cluster=None) -> str:
     """Run every stage of the pipeline on one scan; returns the published product path.
 
     ``stages`` maps stage names to callables (Prefect tasks inside the flow; the plain
     ``stage_*`` functions otherwise). An already-published product is returned as is.
     ``backend`` (``cpu``, ``gpu``, ``auto``) overrides the spec's ``backend`` (it is part
     of the spec, hence of the product id); ``gpu`` without a device raises
-    :class:`tasks._xp.BackendError` before anything runs.
+    :class:`tasks._xp.BackendError` before anything runs. ``cluster`` picks the Dask
+    cluster (see :class:`_dask_client`).
     """
     if backend is not None:
         from tasks._xp import BACKENDS
@@ -578,7 +583,7 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
     resolve_backend(spec.backend)  # gpu without a device: one clear error, before any stage
     req.work.parent.mkdir(parents=True, exist_ok=True)
     info = {}
-    with _dask_client(dask_address, n_workers):
+    with _dask_client(dask_address, n_workers, cluster):
         info["ingest"] = stages["ingest"](req)
         info["integrate"] = stages["integrate"](req)
         kind = info["integrate"]["kind"]
@@ -601,9 +606,23 @@ class _dask_client:
     processes instead (one thread each), for machines with many cores; glibc's
     ``MALLOC_TRIM_THRESHOLD_`` is raised there, because Dask's default (64 kB) makes
     numpy's large temporaries page-fault on every allocation.
+
+    ``cluster`` (or ``XRDCT_CLUSTER``): ``local`` (the above, default), ``cuda`` (a
+    ``dask_cuda.LocalCUDACluster``, one worker per visible GPU or ``n_workers``; dask_cuda
+    is imported only then, and its absence is one :class:`tasks._xp.BackendError`), or a
+    scheduler address (``tcp://host:8786``), the same as ``address``.
     """
 
-    def __init__(self, address, n_workers):
+    def __init__(self, address, n_workers, cluster=None):
+        kind = (cluster or os.environ.get("XRDCT_CLUSTER") or "local").strip()
+        if kind not in ("local", "cuda"):
+            if ":" not in kind:
+                from tasks._xp import BackendError
+
+                raise BackendError(f"cluster {kind!r}: expected 'local', 'cuda' or a Dask "
+                                   f"scheduler address such as tcp://host:8786")
+            address, kind = address or kind, "local"
+        self.kind = kind
         # a facility worker names its cluster once, for every flow it runs
         self.address = address or os.environ.get("XRDCT_DASK_ADDRESS") or None
         self.n_workers = n_workers
@@ -615,6 +634,17 @@ class _dask_client:
 
         if self.address:
             self.client = Client(self.address)
+        elif self.kind == "cuda":
+            try:
+                from dask_cuda import LocalCUDACluster
+            except ImportError as err:
+                from tasks._xp import BackendError
+
+                raise BackendError(f"cluster 'cuda' needs dask_cuda ({err}); install the gpu "
+                                   f"extra (pip install -e '.[gpu]') or use cluster 'local'") from None
+            self.cluster = LocalCUDACluster(n_workers=self.n_workers, dashboard_address=None,
+                                            silence_logs=40)
+            self.client = Client(self.cluster)
         elif self.n_workers is None:
             self.cluster = LocalCluster(n_workers=1, threads_per_worker=os.cpu_count() or 1,
                                         processes=False, dashboard_address=None, silence_logs=40)

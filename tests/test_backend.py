@@ -195,3 +195,25 @@ def test_gpu_fbp_matches_cpu():
     v_cpu = fbp(sino, angles)
     v_gpu = fbp(cp.asarray(sino), angles)
     assert _rel(cp.asnumpy(v_gpu), v_cpu) < 1e-4
+
+
+# ------------------------------------------------------------------------------ cluster setting
+def test_cluster_setting(monkeypatch):
+    import sys
+
+    from flows.process import _dask_client
+
+    monkeypatch.delenv("XRDCT_CLUSTER", raising=False)
+    monkeypatch.delenv("XRDCT_DASK_ADDRESS", raising=False)
+    c = _dask_client(None, None)
+    assert (c.kind, c.address) == ("local", None)
+    c = _dask_client(None, None, "tcp://10.0.0.5:8786")  # an address attaches
+    assert (c.kind, c.address) == ("local", "tcp://10.0.0.5:8786")
+    monkeypatch.setenv("XRDCT_CLUSTER", "cuda")
+    assert _dask_client(None, 2).kind == "cuda"
+    with pytest.raises(BackendError, match="cluster 'gpus': expected 'local', 'cuda' or a Dask"):
+        _dask_client(None, None, "gpus")
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails as without the extra
+    with pytest.raises(BackendError, match=r"cluster 'cuda' needs dask_cuda .* pip install -e '\.\[gpu\]'"):
+        with _dask_client(None, None, "cuda"):
+            pass
