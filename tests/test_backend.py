@@ -214,6 +214,6 @@ def test_cluster_setting(monkeypatch):
     with pytest.raises(BackendError, match="cluster 'gpus': expected 'local', 'cuda' or a Dask"):
         _dask_client(None, None, "gpus")
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails as without the extra
-    with pytest.raises(BackendError, match=r"cluster 'cuda' needs dask_cuda .* pip install -e '\.\[gpu\]'"):
+    with pytest.raises(BackendError, match=r"cluster 'cuda' needs dask_cuda .*\(pip install -e '\.\[gpu\]'"):
         with _dask_client(None, None, "cuda"):
             pass
