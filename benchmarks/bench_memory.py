@@ -11,7 +11,9 @@ functions, no Prefect, with the flow's default local Dask cluster), which report
 
 * ``peak RSS``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the kernel's high-water mark),
 * ``baseline``: RSS after the imports, before the first stage,
-* ``stage peak``: peak minus baseline, the memory the stages themselves needed.
+* ``stage peak``: peak minus baseline, the memory the stages themselves needed,
+* per stage: the largest RSS sampled (every 2 ms, psutil) while that stage ran, so that a
+  stage growing with the scan shows even below another stage's higher peak.
 
 Run::
 
@@ -113,14 +115,33 @@ def child(args) -> None:
     stages = ["ingest", "integrate"] + (["sinogram", "reconstruct"] if args.stages == "flow" else [])
     req = process.make_request(args.scan, args.spec, args.poni, args.out)
     req.work.parent.mkdir(parents=True, exist_ok=True)
-    base = psutil.Process().memory_info().rss
+    import threading
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    per_stage = {}
+    state = {"stage": None, "stop": False}
+
+    def sample():  # RSS every 2 ms, the maximum kept per running stage
+        while not state["stop"]:
+            st = state["stage"]
+            if st is not None:
+                per_stage[st] = max(per_stage.get(st, 0), proc.memory_info().rss)
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     t0 = time.perf_counter()
     with process._dask_client(None, None):
         for s in stages:
+            state["stage"] = s
             getattr(process, f"stage_{s}")(req)
+            state["stage"] = None
     dt = time.perf_counter() - t0
+    state["stop"] = True
+    th.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak": peak, "base": base, "seconds": dt}))
+    print(json.dumps({"peak": peak, "base": base, "seconds": dt, "stages": per_stage}))
 
 
 def main(argv=None):
@@ -171,14 +192,18 @@ def main(argv=None):
           f"({'ingest, integrate' if args.stages == 'integrate' else 'ingest, integrate, sinogram, reconstruct'}); "
           f"frames {shape[0]}x{shape[1]} uint32 bitshuffle-LZ4, {args.npt} bins, method {args.method}, "
           f"batch_frames {args.batch}, {os.cpu_count()} cores; scans written in {t_make:.0f} s")
+    names = list(rows[0][2]["stages"])
     print(f"{'scan':>5} {'frames':>8} {'raw frames MB':>14} {'time s':>8} {'baseline MB':>12} "
-          f"{'peak RSS MB':>12} {'stage peak MB':>14}")
+          f"{'peak RSS MB':>12} {'stage peak MB':>14}  " + " ".join(f"{s + ' MB':>15}" for s in names))
     for label, n, res in rows:
         print(f"{label:>5} {n:>8} {n * fb / mb:>14.0f} {res['seconds']:>8.1f} {res['base'] / mb:>12.0f} "
-              f"{res['peak'] / mb:>12.0f} {(res['peak'] - res['base']) / mb:>14.0f}")
+              f"{res['peak'] / mb:>12.0f} {(res['peak'] - res['base']) / mb:>14.0f}  " +
+              " ".join(f"{res['stages'].get(s, 0) / mb:>15.0f}" for s in names))
     a, b = rows[0][2], rows[1][2]
     print(f"ratio {args.factor}x/1x: frames {rows[1][1] / rows[0][1]:.1f}, peak RSS "
-          f"{b['peak'] / a['peak']:.2f}, stage peak {(b['peak'] - b['base']) / max(a['peak'] - a['base'], 1):.2f}")
+          f"{b['peak'] / a['peak']:.2f}, stage peak {(b['peak'] - b['base']) / max(a['peak'] - a['base'], 1):.2f}; "
+          "per stage (sampled RSS, 2 ms): " +
+          ", ".join(f"{s} {b['stages'].get(s, 0) / max(a['stages'].get(s, 1), 1):.2f}" for s in names))
     return 0
 
 

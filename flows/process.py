@@ -237,6 +237,10 @@ def _current_client():
         return None
 
 
+#: pass-1 sinograms kept for pass 2 of stage_sinogram, at most (bytes, all slices together)
+SINOGRAM_KEEP_BYTES = 16 * 2**20
+
+
 def stage_sinogram(req: Request) -> dict:
     """Per-angle scaling, air-scatter removal and centre-of-rotation correction."""
     import xarray as xr
@@ -252,32 +256,41 @@ def stage_sinogram(req: Request) -> dict:
     # Pass 1: the centre of every slice. Pass 2: centre all slices to one common width m,
     # with m - n even so the reconstruction grid keeps the measured pixel pitch and the
     # central n x n pixels sit on the nominal grid about the rotation axis.
-    found = [process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles, spec.sinogram)
-             for iz in range(nz)]
+    # Slices are read, corrected and written one at a time; pass-1 results are kept for
+    # pass 2 only up to 16 MiB in all (else recomputed with the found centre), so memory
+    # stays per slice however many slices the scan has.
+    keep_bytes, kept = SINOGRAM_KEEP_BYTES, 0
+    found = []
+    for iz in range(nz):
+        sino, info = process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles, spec.sinogram)
+        kept += sino.nbytes
+        found.append((sino if kept <= keep_bytes else None, info))
     m = max(info["width_out"] for _, info in found)
     m += (m - n) % 2
-    out, centers, shifts = [], [], []
+    step = float(np.median(np.diff(ds["translation"].values))) if ds.sizes["translation"] > 1 else 1.0
+    dims = ("z", "angle", "translation_c", "radial")
+    shape = (nz, pat.sizes["angle"], m, pat.sizes["radial"])
+    store.write_variables(req.work, xr.Dataset(
+        {"sinogram": (dims, store.lazy_zeros(dims, shape),
+                      {"long_name": "corrected sinogram (scaled, air removed, centred)"})},
+        coords={"translation_c": ("translation_c", _coords_xy(m, step), {"units": "mm"})}),
+        level=spec.output.compressor_level)
+    centers, shifts = [], []
     for iz in range(nz):
         sino, info = found[iz]
-        if info["width_out"] != m:  # re-centre this slice to the common width
+        if sino is None or info["width_out"] != m:  # (re)computed at the common width
             sino, info = process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles,
                                           spec.sinogram, width=m, center=info["center_px"])
         found[iz] = None
-        out.append(sino)
+        store.write_slice(req.work, "sinogram", iz, sino.astype(np.float32))
         centers.append(float(info["center_px"]))
         shifts.append(float(info["shift_px"]))
         progress.report("sinogram", iz + 1, nz)
-    sino = np.stack(out)
-    nt = sino.shape[2]
-    step = float(np.median(np.diff(ds["translation"].values))) if ds.sizes["translation"] > 1 else 1.0
     new = xr.Dataset(
-        {"sinogram": (("z", "angle", "translation_c", "radial"), sino.astype(np.float32),
-                      {"long_name": "corrected sinogram (scaled, air removed, centred)"}),
-         "center_of_rotation": (("z",), np.asarray(centers),
+        {"center_of_rotation": (("z",), np.asarray(centers),
                                 {"units": "px", "long_name": "centre of rotation, translation-pixel "
                                  "coordinates of the measured sinogram (0 = first column)"}),
-         "center_shift": (("z",), np.asarray(shifts), {"units": "px"})},
-        coords={"translation_c": ("translation_c", _coords_xy(nt, step), {"units": "mm"})})
+         "center_shift": (("z",), np.asarray(shifts), {"units": "px"})})
     store.write_variables(req.work, new, level=spec.output.compressor_level)
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "sinogram": dt},
@@ -302,21 +315,22 @@ def stage_reconstruct(req: Request) -> dict:
     ds = store.open_product(req.work)
     sino = ds["sinogram"]
     angles = ds["angle"].values
-    vols = []
-    for iz in range(sino.sizes["z"]):
-        s = np.asarray(sino.isel(z=iz).values, np.float32)
-        vols.append(to_numpy(fbp(cupy.asarray(s) if on_gpu else s, angles, filter=r.filter,
-                                 circle=r.circle, clip_negative=r.clip_negative, backend=r.backend)))
-        progress.report("reconstruct", iz + 1, sino.sizes["z"])
-    vol = np.stack(vols).astype(np.float32)
+    nz, n = sino.sizes["z"], sino.sizes["translation_c"]
     step = float(store.provenance(req.work).get("translation_step_mm", 1.0))
-    n = vol.shape[1]
-    new = xr.Dataset({"volume": (("z", "y", "x", "radial"), vol,
-                                 {"long_name": f"reconstructed intensity ({r.method}, {r.filter} filter)",
-                                  "units": "counts / monitor / pixel"})},
-                     coords={"y": ("y", _coords_xy(n, step), {"units": "mm"}),
-                             "x": ("x", _coords_xy(vol.shape[2], step), {"units": "mm"})})
-    store.write_variables(req.work, new, level=spec.output.compressor_level)
+    dims = ("z", "y", "x", "radial")
+    store.write_variables(req.work, xr.Dataset(
+        {"volume": (dims, store.lazy_zeros(dims, (nz, n, n, sino.sizes["radial"])),
+                    {"long_name": f"reconstructed intensity ({r.method}, {r.filter} filter)",
+                     "units": "counts / monitor / pixel"})},
+        coords={"y": ("y", _coords_xy(n, step), {"units": "mm"}),
+                "x": ("x", _coords_xy(n, step), {"units": "mm"})}),
+        level=spec.output.compressor_level)
+    for iz in range(nz):  # one slice in memory at a time, written as it is done
+        s = np.asarray(sino.isel(z=iz).values, np.float32)
+        vol = to_numpy(fbp(cupy.asarray(s) if on_gpu else s, angles, filter=r.filter,
+                           circle=r.circle, clip_negative=r.clip_negative, backend=r.backend))
+        store.write_slice(req.work, "volume", iz, vol.astype(np.float32))
+        progress.report("reconstruct", iz + 1, nz)
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "reconstruct": dt}})
     return {"seconds": dt}

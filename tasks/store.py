@@ -345,3 +345,17 @@ class GridWriter:
             missing = int((~self.seen).sum())
             raise ValueError(f"GridWriter: {missing} frame(s) never written; "
                              f"{len(self.pending)} chunk(s) of {self.names} incomplete")
+
+
+def write_slice(store, name: str, iz: int, values) -> None:
+    """Write ``values`` (shape of the variable without its first axis) as slice ``iz`` of
+    variable ``name`` of a work store (created beforehand, e.g. with :func:`lazy_zeros`).
+    Chunks hold one z slice, so the write is chunk-aligned (no read-modify-write)."""
+    import zarr
+
+    arr = zarr.open_array(str(Path(store) / name), mode="r+")
+    values = np.asarray(values, dtype=arr.dtype)
+    if values.shape != tuple(arr.shape[1:]):
+        raise ValueError(f"{store}: variable {name} slice has shape {tuple(arr.shape[1:])}; "
+                         f"got {values.shape}")
+    arr[int(iz)] = values
