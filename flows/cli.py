@@ -67,15 +67,17 @@ def _summary(console, product: str, wall: float) -> None:
     console.print(t)
 
 
-def _run_flow(scan, poni, pipeline, out, dask_address, workers, use_prefect=True) -> str:
+def _run_flow(scan, poni, pipeline, out, dask_address, workers, use_prefect=True,
+              backend=None, cluster=None) -> str:
     from flows.process import get_flow, run_pipeline
 
     if use_prefect:
         flow = get_flow()
         return flow(scan=str(scan), poni=str(poni) if poni else None, pipeline=str(pipeline),
-                    out=str(out), dask_address=dask_address, n_workers=workers)
+                    out=str(out), dask_address=dask_address, n_workers=workers, backend=backend,
+                    cluster=cluster)
     return run_pipeline(scan, poni=poni, pipeline=pipeline, out=out, dask_address=dask_address,
-                        n_workers=workers)
+                        n_workers=workers, backend=backend, cluster=cluster)
 
 
 def cmd_process(args) -> int:
@@ -83,7 +85,7 @@ def cmd_process(args) -> int:
     t0 = time.perf_counter()
     with _Bars(console):
         product = _run_flow(args.scan, args.poni, args.pipeline, args.out, args.dask_address,
-                            args.workers, not args.no_prefect)
+                            args.workers, not args.no_prefect, args.backend, args.cluster)
     _summary(console, product, time.perf_counter() - t0)
     return 0
 
@@ -122,7 +124,8 @@ def cmd_demo(args) -> int:
 
         sim = simulate_scan(out / "scan", _sim_config(args), progress=callback("simulate"))
         product = _run_flow(sim.nexus_path, sim.poni_path, args.pipeline or "demo", out / "products",
-                            args.dask_address, args.workers, not args.no_prefect)
+                            args.dask_address, args.workers, not args.no_prefect, args.backend,
+                            args.cluster)
     _summary(console, product, time.perf_counter() - t0)
     return 0
 
@@ -257,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes "
                        "(default: one threaded worker using every core)")
         p.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
+        p.add_argument("--backend", choices=["cpu", "gpu", "auto"], default=None,
+                       help="array backend of the kernels, overriding the spec's 'backend' "
+                       "(auto: the GPU when cupy sees one; gpu without a device is an error)")
+        p.add_argument("--cluster", default=None, help="Dask cluster: local (default), cuda "
+                       "(dask_cuda.LocalCUDACluster, one worker per GPU) or a scheduler address")
 
     p = sub.add_parser("process", help="process one scan into a product")
     p.add_argument("scan", help="NeXus/HDF5 frames, scan table CSV, or HDF5 sinogram cube")

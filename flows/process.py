@@ -187,18 +187,18 @@ def stage_integrate(req: Request) -> dict:
                     "radial": ("radial", radial, {"unit": unit, "units": unit})})
         wavelength = scan.wavelength_m or spec.input.wavelength_m
     else:
-        g = scan.grid()
-        radial, patterns, sigma = integrate_scan(scan, spec, poni=req.poni, client=_current_client(),
-                                                 progress=progress.callback("integrate"))
-        if sigma is None:
-            sigma = np.full_like(patterns, np.nan)
-        unit = spec.integration.unit
+        # Streamed: the variables are created first (lazy zero chunks), then filled chunk by
+        # chunk as batches of frames are integrated (store.GridWriter); nothing of the
+        # scan's length is held in memory.
         import pyFAI
 
+        from tasks.integrate import integrator_from_spec
+
+        g = scan.grid()
+        integ = integrator_from_spec(spec, shape=scan.frame_shape, poni=req.poni)
+        radial = integ.radial if spec.integration.method == "mean" else integ.radial_clip
+        unit = spec.integration.unit
         wavelength = float(pyFAI.load(req.poni).wavelength)
-        idx = g.index
-        pat = patterns[idx]            # (nz, na, nt, npt)
-        sig = sigma[idx]
         radial_c = ("radial", np.asarray(radial, float), {"unit": unit, "units": unit,
                                                           "wavelength_m": wavelength})
         # a raster map has no rotation: its grid's two axes are y and x, and its patterns
@@ -212,13 +212,23 @@ def stage_integrate(req: Request) -> dict:
                   d2: (d2, np.asarray(g.translation, float), {"units": "mm"}),
                   "radial": radial_c}
         long = "integrated intensity" + (" of a raster map (no reconstruction)" if is_map else "")
-        ds = xr.Dataset({name: (dims, pat.astype(np.float32), {"long_name": long, "units": "counts / monitor"}),
-                         f"{name}_sigma": (dims, sig.astype(np.float32),
+        shape = tuple(g.index.shape) + (len(radial),)
+        ds = xr.Dataset({name: (dims, store.lazy_zeros(dims, shape),
+                                {"long_name": long, "units": "counts / monitor"}),
+                         f"{name}_sigma": (dims, store.lazy_zeros(dims, shape),
                                            {"long_name": "standard error (Poisson)", "units": "counts / monitor"})},
                         coords=coords)
+        ds["radial"].attrs["wavelength_m"] = wavelength if wavelength else float("nan")
+        store.write_variables(req.work, ds, level=spec.output.compressor_level)
+        writer = store.GridWriter(req.work, [name, f"{name}_sigma"], g.index)
+        integrate_scan(scan, spec, poni=req.poni, client=_current_client(), integrator=integ,
+                       progress=progress.callback("integrate"), sink=writer, backend=spec.backend)
+        writer.close()
         attrs["integration_method"] = spec.integration.method
-    ds["radial"].attrs["wavelength_m"] = wavelength if wavelength else float("nan")
-    store.write_variables(req.work, ds, level=spec.output.compressor_level)
+        ds = None
+    if ds is not None:
+        ds["radial"].attrs["wavelength_m"] = wavelength if wavelength else float("nan")
+        store.write_variables(req.work, ds, level=spec.output.compressor_level)
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {"integrate": dt}, "scan_kind": scan.kind,
                                   "wavelength_m": wavelength, **attrs})
@@ -233,6 +243,10 @@ def _current_client():
         return default_client()
     except (ImportError, ValueError):
         return None
+
+
+#: pass-1 sinograms kept for pass 2 of stage_sinogram, at most (bytes, all slices together)
+SINOGRAM_KEEP_BYTES = 16 * 2**20
 
 
 def stage_sinogram(req: Request) -> dict:
@@ -250,32 +264,41 @@ def stage_sinogram(req: Request) -> dict:
     # Pass 1: the centre of every slice. Pass 2: centre all slices to one common width m,
     # with m - n even so the reconstruction grid keeps the measured pixel pitch and the
     # central n x n pixels sit on the nominal grid about the rotation axis.
-    found = [process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles, spec.sinogram)
-             for iz in range(nz)]
+    # Slices are read, corrected and written one at a time; pass-1 results are kept for
+    # pass 2 only up to 16 MiB in all (else recomputed with the found centre), so memory
+    # stays per slice however many slices the scan has.
+    keep_bytes, kept = SINOGRAM_KEEP_BYTES, 0
+    found = []
+    for iz in range(nz):
+        sino, info = process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles, spec.sinogram)
+        kept += sino.nbytes
+        found.append((sino if kept <= keep_bytes else None, info))
     m = max(info["width_out"] for _, info in found)
     m += (m - n) % 2
-    out, centers, shifts = [], [], []
+    step = float(np.median(np.diff(ds["translation"].values))) if ds.sizes["translation"] > 1 else 1.0
+    dims = ("z", "angle", "translation_c", "radial")
+    shape = (nz, pat.sizes["angle"], m, pat.sizes["radial"])
+    store.write_variables(req.work, xr.Dataset(
+        {"sinogram": (dims, store.lazy_zeros(dims, shape),
+                      {"long_name": "corrected sinogram (scaled, air removed, centred)"})},
+        coords={"translation_c": ("translation_c", _coords_xy(m, step), {"units": "mm"})}),
+        level=spec.output.compressor_level)
+    centers, shifts = [], []
     for iz in range(nz):
         sino, info = found[iz]
-        if info["width_out"] != m:  # re-centre this slice to the common width
+        if sino is None or info["width_out"] != m:  # (re)computed at the common width
             sino, info = process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles,
                                           spec.sinogram, width=m, center=info["center_px"])
         found[iz] = None
-        out.append(sino)
+        store.write_slice(req.work, "sinogram", iz, sino.astype(np.float32))
         centers.append(float(info["center_px"]))
         shifts.append(float(info["shift_px"]))
         progress.report("sinogram", iz + 1, nz)
-    sino = np.stack(out)
-    nt = sino.shape[2]
-    step = float(np.median(np.diff(ds["translation"].values))) if ds.sizes["translation"] > 1 else 1.0
     new = xr.Dataset(
-        {"sinogram": (("z", "angle", "translation_c", "radial"), sino.astype(np.float32),
-                      {"long_name": "corrected sinogram (scaled, air removed, centred)"}),
-         "center_of_rotation": (("z",), np.asarray(centers),
+        {"center_of_rotation": (("z",), np.asarray(centers),
                                 {"units": "px", "long_name": "centre of rotation, translation-pixel "
                                  "coordinates of the measured sinogram (0 = first column)"}),
-         "center_shift": (("z",), np.asarray(shifts), {"units": "px"})},
-        coords={"translation_c": ("translation_c", _coords_xy(nt, step), {"units": "mm"})})
+         "center_shift": (("z",), np.asarray(shifts), {"units": "px"})})
     store.write_variables(req.work, new, level=spec.output.compressor_level)
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "sinogram": dt},
@@ -322,44 +345,50 @@ def stage_reconstruct(req: Request) -> dict:
     """
     import xarray as xr
 
+    from tasks._xp import resolve_backend, to_numpy
     from tasks.reconstruct import fbp
 
     spec = req.spec
     r = spec.reconstruction
+    # the batched FBP runs cupy arrays as they are (astra/tomopy take numpy)
+    on_gpu = resolve_backend(spec.backend) == "gpu" and r.backend in ("numpy", "auto")
+    if on_gpu:
+        import cupy
     t0 = time.perf_counter()
     ds = store.open_product(req.work)
     sino = ds["sinogram"]
     angles = ds["angle"].values
-    nz = sino.sizes["z"]
+    nz, n = sino.sizes["z"], sino.sizes["translation_c"]
+    step = float(store.provenance(req.work).get("translation_step_mm", 1.0))
+    dims = ("z", "y", "x", "radial")
+    store.write_variables(req.work, xr.Dataset(
+        {"volume": (dims, store.lazy_zeros(dims, (nz, n, n, sino.sizes["radial"])),
+                    {"long_name": f"reconstructed intensity ({r.method}, {r.filter} filter)",
+                     "units": "counts / monitor / pixel"})},
+        coords={"y": ("y", _coords_xy(n, step), {"units": "mm"}),
+                "x": ("x", _coords_xy(n, step), {"units": "mm"})}),
+        level=spec.output.compressor_level)
     kept = SliceCheckpoints(req, "reconstruct")
-    vols, reused = [], 0
-    for iz in range(nz):
-        v = kept.load(iz)
-        if v is None:
+    reused = 0
+    for iz in range(nz):  # one slice in memory at a time, written as it is done
+        vol = kept.load(iz)
+        if vol is None:
+            s = np.asarray(sino.isel(z=iz).values, np.float32)
             try:
-                v = fbp(np.asarray(sino.isel(z=iz).values, np.float32), angles, filter=r.filter,
-                        circle=r.circle, clip_negative=r.clip_negative, backend=r.backend)
+                vol = to_numpy(fbp(cupy.asarray(s) if on_gpu else s, angles, filter=r.filter,
+                                   circle=r.circle, clip_negative=r.clip_negative, backend=r.backend))
             except Exception as err:
                 z = float(ds["z"].values[iz])
                 raise ProcessingError(
                     f"stage reconstruct: slice {iz} of {nz} (z = {z:g} mm) of {req.scan} failed: "
                     f"{type(err).__name__}: {err} ({iz - reused} slice(s) finished in this "
                     f"attempt and {reused} earlier are kept for the retry)") from err
-            v = np.asarray(v, np.float32)
-            kept.save(iz, v)
+            vol = vol.astype(np.float32)
+            kept.save(iz, vol)
         else:
             reused += 1
-        vols.append(v)
+        store.write_slice(req.work, "volume", iz, vol)
         progress.report("reconstruct", iz + 1, nz)
-    vol = np.stack(vols).astype(np.float32)
-    step = float(store.provenance(req.work).get("translation_step_mm", 1.0))
-    n = vol.shape[1]
-    new = xr.Dataset({"volume": (("z", "y", "x", "radial"), vol,
-                                 {"long_name": f"reconstructed intensity ({r.method}, {r.filter} filter)",
-                                  "units": "counts / monitor / pixel"})},
-                     coords={"y": ("y", _coords_xy(n, step), {"units": "mm"}),
-                             "x": ("x", _coords_xy(vol.shape[2], step), {"units": "mm"})})
-    store.write_variables(req.work, new, level=spec.output.compressor_level)
     kept.clear()
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "reconstruct": dt}})
@@ -607,7 +636,8 @@ def _build_flow():
     @resolved_annotations
     def process_scan(scan: str, poni: str | None = None, pipeline: Pipeline = "default",
                      out: str = "xrdct-out", dask_address: str | None = None,
-                     n_workers: int | None = None) -> str:
+                     n_workers: int | None = None, backend: str | None = None,
+                     cluster: str | None = None) -> str:
         """Process one XRD-CT scan into a chemical-image product (Zarr v3).
 
         Parameters
@@ -622,9 +652,14 @@ def _build_flow():
             Product directory; the product is ``<out>/<product_id>.zarr``.
         dask_address : str, optional
             Attach to an existing Dask scheduler instead of starting a LocalCluster.
+        backend : {"cpu", "gpu", "auto"}, optional
+            Array backend, overriding the spec's ``backend``.
+        cluster : str, optional
+            ``local`` (default), ``cuda`` (LocalCUDACluster, one worker per GPU) or a
+            scheduler address.
         """
         return run_pipeline(scan, poni=poni, pipeline=pipeline, out=out, dask_address=dask_address,
-                            n_workers=n_workers,
+                            n_workers=n_workers, backend=backend, cluster=cluster,
                             stages=dict(ingest=t_ingest, integrate=t_integrate, sinogram=t_sinogram,
                                         reconstruct=t_reconstruct, mapping=t_mapping, publish=t_publish))
 
@@ -726,21 +761,34 @@ STAGES = ("ingest", "integrate", "sinogram", "reconstruct", "mapping")
 
 
 def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_address=None,
-                 n_workers=None, stages=None) -> str:
+                 n_workers=None, stages=None, backend=None, cluster=None) -> str:
     """Run every stage of the pipeline on one scan; returns the published product path.
 
     ``stages`` maps stage names to callables (Prefect tasks inside the flow; the
     :func:`resumable` ``stage_*`` functions otherwise). An already-published product is
     returned as is; a request for a product another run is making waits for it
     (:func:`product_lock`); a request whose earlier attempt died resumes after the last
-    stage that attempt finished.
+    stage that attempt finished. ``backend`` (``cpu``, ``gpu``, ``auto``) overrides the
+    spec's ``backend`` (it is part of the spec, hence of the product id); ``gpu`` without a
+    device raises :class:`tasks._xp.BackendError` before anything runs. ``cluster`` picks
+    the Dask cluster (see :class:`_dask_client`).
     """
+    if backend is not None:
+        from tasks._xp import BACKENDS
+
+        if backend not in BACKENDS:
+            raise SpecError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        pipeline = (pipeline if isinstance(pipeline, PipelineSpec) else load_spec(pipeline)).model_copy(deep=True)
+        pipeline.backend = backend
     stages = stages or plain_stages()
     started = time.perf_counter()
     req = make_request(scan, pipeline, poni, out)
     if req.final.exists():
         return str(req.final)
     spec = req.spec
+    from tasks._xp import resolve_backend
+
+    resolve_backend(spec.backend)  # gpu without a device: one clear error, before any stage
     with product_lock(req, wait_message=_log_info):
         if req.final.exists():  # made by the run we waited for
             return str(req.final)
@@ -767,7 +815,7 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
                     f"{req.product_id} ({err.strerror}); the work store was removed and nothing "
                     f"was published; free space under {Path(req.out)} and run again") from err
 
-        with _dask_client(dask_address, n_workers):
+        with _dask_client(dask_address, n_workers, cluster):
             info["ingest"] = run("ingest")
             info["integrate"] = run("integrate")
             kind = info["integrate"]["kind"]
@@ -809,9 +857,23 @@ class _dask_client:
     processes instead (one thread each), for machines with many cores; glibc's
     ``MALLOC_TRIM_THRESHOLD_`` is raised there, because Dask's default (64 kB) makes
     numpy's large temporaries page-fault on every allocation.
+
+    ``cluster`` (or ``XRDCT_CLUSTER``): ``local`` (the above, default), ``cuda`` (a
+    ``dask_cuda.LocalCUDACluster``, one worker per visible GPU or ``n_workers``; dask_cuda
+    is imported only then, and its absence is one :class:`tasks._xp.BackendError`), or a
+    scheduler address (``tcp://host:8786``), the same as ``address``.
     """
 
-    def __init__(self, address, n_workers):
+    def __init__(self, address, n_workers, cluster=None):
+        kind = (cluster or os.environ.get("XRDCT_CLUSTER") or "local").strip()
+        if kind not in ("local", "cuda"):
+            if ":" not in kind:
+                from tasks._xp import BackendError
+
+                raise BackendError(f"cluster {kind!r}: expected 'local', 'cuda' or a Dask "
+                                   f"scheduler address such as tcp://host:8786")
+            address, kind = address or kind, "local"
+        self.kind = kind
         # a facility worker names its cluster once, for every flow it runs
         self.address = address or os.environ.get("XRDCT_DASK_ADDRESS") or None
         self.n_workers = n_workers
@@ -823,6 +885,17 @@ class _dask_client:
 
         if self.address:
             self.client = Client(self.address)
+        elif self.kind == "cuda":
+            try:
+                from dask_cuda import LocalCUDACluster
+            except ImportError as err:
+                from tasks._xp import BackendError
+
+                raise BackendError(f"cluster 'cuda' needs dask_cuda ({err}); install the gpu "
+                                   f"extra (pip install -e '.[gpu]') or use cluster 'local'") from None
+            self.cluster = LocalCUDACluster(n_workers=self.n_workers, dashboard_address=None,
+                                            silence_logs=40)
+            self.client = Client(self.cluster)
         elif self.n_workers is None:
             self.cluster = LocalCluster(n_workers=1, threads_per_worker=os.cpu_count() or 1,
                                         processes=False, dashboard_address=None, silence_logs=40)

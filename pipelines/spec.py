@@ -181,6 +181,10 @@ class PipelineSpec(_Strict):
     reconstruction: ReconstructionSpec = Field(default_factory=ReconstructionSpec)
     mapping: MappingSpec = Field(default_factory=lambda: MappingSpec(enabled=False))
     output: OutputSpec = Field(default_factory=OutputSpec)
+    # Array backend of the kernels (integration, FBP): cpu (numpy), gpu (cupy; an error
+    # when no CUDA device is present) or auto (gpu when cupy imports and sees a device).
+    # Not to be confused with reconstruction.backend, the FBP implementation.
+    backend: Literal["cpu", "gpu", "auto"] = "auto"
     # Directory that relative paths in the spec are resolved against (not serialised).
     base_dir: str | None = Field(default=None, exclude=True)
     # The file the spec was read from, named in error messages (not serialised).

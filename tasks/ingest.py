@@ -8,6 +8,7 @@ path, so the same graph runs on local threads and on distributed workers. Axis a
 Sources
 -------
 * NeXus/HDF5 (h5py + hdf5plugin, so bitshuffle-LZ4 and other filtered datasets open).
+  Bitshuffle-LZ4 frame chunks are read raw and decoded in parallel (:mod:`tasks.h5chunks`).
   Frames stored ``(N, H, W)``, ``(n_angle, n_translation, H, W)`` or
   ``(n_z, n_angle, n_translation, H, W)`` are presented as ``(N, H, W)`` with matching
   flat axis arrays (C order: translation fastest).
@@ -137,6 +138,10 @@ class Scan:
     metadata : dict of str to str
         What the catalog files the scan under, when the file says it (:func:`nexus_metadata`):
         ``proposal``, ``sample``, ``start_time`` (ISO 8601), ``title``.
+    reader : array-like or None
+        The picklable reader behind ``frames`` (``reader[s:e]`` reads exactly frames
+        ``s:e``, whatever the dask chunking); what batch readers use so that a batch never
+        reads a whole dask chunk to keep a few frames of it.
     """
 
     kind: str
@@ -157,6 +162,7 @@ class Scan:
     files: list = field(default_factory=list)
     frames_dataset: str | None = None
     metadata: dict = field(default_factory=dict)
+    reader: Any = None
 
     @property
     def n_frames(self) -> int:
@@ -268,9 +274,14 @@ def _cluster_positions(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------
 
 class _H5FrameReader:
-    """Array-like ``(N, H, W)`` view of an HDF5 frame dataset of 3, 4 or 5 dimensions."""
+    """Array-like ``(N, H, W)`` view of an HDF5 frame dataset of 3, 4 or 5 dimensions.
 
-    def __init__(self, path: str, dataset: str, stored_shape: tuple, dtype):
+    ``direct`` (a :class:`tasks.h5chunks.ChunkPlan`, from :func:`tasks.h5chunks.direct_plan`)
+    reads bitshuffle-LZ4 chunks raw and decodes them in a thread pool; None reads through
+    h5py's filter pipeline.
+    """
+
+    def __init__(self, path: str, dataset: str, stored_shape: tuple, dtype, direct=None):
         self.path = str(path)
         self.dataset = dataset
         self.stored_shape = tuple(int(s) for s in stored_shape)
@@ -279,6 +290,7 @@ class _H5FrameReader:
         n = int(np.prod(self.scan_shape)) if self.scan_shape else 1
         self.shape = (n,) + self.stored_shape[-2:]
         self.ndim = 3
+        self.direct = direct
 
     def __getitem__(self, key):
         if not isinstance(key, tuple):
@@ -292,7 +304,11 @@ class _H5FrameReader:
         try:
             with h5py.File(self.path, "r") as h5:
                 dset = h5[self.dataset]
-                if len(self.scan_shape) == 1:
+                if self.direct is not None:
+                    from tasks.h5chunks import read_frames_direct  # noqa: PLC0415
+
+                    out = read_frames_direct(dset, self.direct, self.scan_shape, idx, ky, kx)
+                elif len(self.scan_shape) == 1:
                     if idx.size and np.all(np.diff(idx) == 1):
                         out = dset[int(idx[0]):int(idx[-1]) + 1, ky, kx]
                     else:
@@ -314,7 +330,7 @@ class _H5FrameReader:
                         start = stop
                     out = np.concatenate(parts) if parts else \
                         np.empty((0,) + np.empty(self.shape[1:])[ky, kx].shape, self.dtype)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise IngestError(
                 f"{self.path}: dataset {self.dataset}: cannot read frames "
                 f"{int(idx[0]) if idx.size else 0}..{int(idx[-1]) if idx.size else 0} "
@@ -322,7 +338,8 @@ class _H5FrameReader:
         return out[0] if scalar else out
 
     def __reduce__(self):
-        return (_H5FrameReader, (self.path, self.dataset, self.stored_shape, self.dtype.str))
+        return (_H5FrameReader, (self.path, self.dataset, self.stored_shape, self.dtype.str,
+                                 self.direct))
 
 
 class _ImageSeriesReader:
@@ -826,7 +843,7 @@ def open_scan(path, spec=None, poni_shape: tuple[int, int] | None = None) -> Sca
 
 
 def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
-               chunk_frames: int | None = None) -> Scan:
+               chunk_frames: int | None = None, direct_chunks: bool = True) -> Scan:
     """Open a NeXus/HDF5 frame stack lazily.
 
     Dataset paths come from ``spec`` (``frames``, ``angle``, ``translation``, ``z``,
@@ -843,6 +860,10 @@ def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
         Expected detector shape ``(H, W)``.
     chunk_frames : int, optional
         Frames per dask chunk (default: about 32 MiB per chunk).
+    direct_chunks : bool
+        Read bitshuffle-LZ4 frames (one filter, whole frames per chunk) as raw chunks
+        (``read_direct_chunk``) decoded in parallel by :mod:`tasks.h5chunks`; other
+        datasets, or False, read through h5py's filter pipeline. Both give identical arrays.
 
     Returns
     -------
@@ -935,14 +956,18 @@ def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
         dtype = dset.dtype
         token = _file_token(p)
         metadata = nexus_metadata(entry)
+        from tasks.h5chunks import direct_plan  # noqa: PLC0415
+
+        plan = direct_plan(dset) if direct_chunks else None
     finally:
         h5.close()
 
-    reader = _H5FrameReader(str(p), name, stored, dtype)
+    reader = _H5FrameReader(str(p), name, stored, dtype, direct=plan)
     frames = _lazy(reader, (token, name, stored), chunk_frames)
     return Scan(kind="frames", source=str(p), frames=frames, angle=angle,
                 translation=translation, z=z, monitor=monitor, wavelength_m=spec.wavelength_m,
-                files=[str(p)], frames_dataset=name, metadata=metadata)
+                files=[str(p)], frames_dataset=name, metadata=metadata,
+                reader=reader)
 
 
 def _read_table(table: Path) -> tuple[list[str], list[list[str]]]:
@@ -1067,7 +1092,7 @@ def open_image_series(table_path, spec=None, poni_shape: tuple[int, int] | None 
     frames = _lazy(reader, token, chunk_frames)
     scan = Scan(kind=kind, source=str(table), frames=frames, monitor=monitor,
                 wavelength_m=spec.wavelength_m, files=[str(table)] + files,
-                frames_dataset="file")
+                frames_dataset="file", reader=reader)
     if kind == "frames":
         scan.angle, scan.translation, scan.z = arr["angle"], arr["translation"], arr.get("z")
     else:

@@ -293,6 +293,27 @@ class RadialIntegrator:
         ``detector.get_dummies``); (None, None) when the detector has none."""
         return self.ai.detector.get_dummies(np.dtype(dtype))
 
+    def gpu_bytes(self, frame_dtype) -> tuple[int, int]:
+        """Device memory of :meth:`integrate` on cupy frames: (bytes per frame, fixed bytes).
+
+        Per frame: the raw frame in its detector dtype, its float32 pixel-major copy, the
+        Poisson variance, the invalid-pixel mask and its float32 weights, a float32
+        temporary of the dummy test, and six float32 ``(npt,)`` results. Fixed: the CSR
+        matrix and its square (float32 data + int32 indices), ``omega``, dark and norm.
+
+        Returns
+        -------
+        (int, int)
+            Bytes; an upper estimate (temporaries counted as if all alive at once).
+        """
+        csr = self._csr(self.split)
+        npix = int(np.prod(self.shape))
+        per_pixel = np.dtype(frame_dtype).itemsize + 4 + 4 + 1 + 4 + 4 + 4
+        per_frame = npix * per_pixel + 6 * 4 * csr.nbins
+        nnz = int(csr.A.nnz)
+        fixed = 2 * (nnz * 8 + (csr.nbins + 1) * 4) + npix * 8 + csr.nbins * 8
+        return int(per_frame), int(fixed)
+
     # ---------------------------------------------------------------- inputs
     def _frames(self, frames):
         xp = get_xp(frames)
@@ -792,8 +813,24 @@ def integrate_batch(integ: RadialIntegrator, block, monitor, ispec, source: str,
 _WORKER_INTEGRATORS: dict = {}
 
 
-def _worker_integrate(spec_json: str, base_dir, poni, shape, frames, monitor, s: int, e: int, source: str):
-    """Runs on a Dask worker: integrate frames ``s:e`` of the scan (integrator cached)."""
+def _batch_source(scan):
+    """What a batch is read from: the scan's reader when it has one (reads exactly the
+    batch's frames), else its dask array (computes the chunks the batch overlaps)."""
+    return scan.reader if getattr(scan, "reader", None) is not None else scan.frames
+
+
+def _read_block(source, s: int, e: int) -> np.ndarray:
+    """Frames ``s:e`` of a batch source (reader or dask array), as numpy."""
+    if hasattr(source, "dask"):
+        return np.asarray(source[s:e].compute(scheduler="synchronous"))
+    return np.asarray(source[s:e])
+
+
+def _worker_integrate(spec_json: str, base_dir, poni, shape, frames, monitor, s: int, e: int,
+                      source: str, first_index: int = 0, backend: str = "cpu"):
+    """Runs on a Dask worker: integrate frames ``s:e`` of ``frames`` (the scan's reader, or
+    a dask array of the batch), frame ``s`` being scan frame ``first_index`` (integrator
+    cached per process)."""
     from pipelines.spec import parse_spec  # noqa: PLC0415
 
     key = (spec_json, str(base_dir), str(poni), tuple(shape))
@@ -802,13 +839,21 @@ def _worker_integrate(spec_json: str, base_dir, poni, shape, frames, monitor, s:
         spec = parse_spec(__import__("json").loads(spec_json), source="<worker>", base_dir=base_dir)
         _WORKER_INTEGRATORS[key] = (spec, integrator_from_spec(spec, shape=shape, poni=poni))
     spec, integ = _WORKER_INTEGRATORS[key]
-    block = np.asarray(frames.compute(scheduler="synchronous"))
+    block = _read_block(frames, s, e)
     dummy, delta = integ.dummies(block.dtype)
-    return integrate_batch(integ, block, monitor, spec.integration, source, s, dummy, delta)
+    if backend == "gpu" and spec.integration.method == "mean":
+        import cupy  # noqa: PLC0415
+
+        from tasks._xp import to_numpy  # noqa: PLC0415
+
+        i, sg = integrate_batch(integ, cupy.asarray(block), monitor, spec.integration, source,
+                                first_index, dummy, delta)  # frames cross PCIe in their int type
+        return to_numpy(i), None if sg is None else to_numpy(sg)
+    return integrate_batch(integ, block, monitor, spec.integration, source, first_index, dummy, delta)
 
 
-def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, patterns, sigma,
-                          progress):
+def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, emit, progress,
+                          backend="cpu"):
     from distributed import as_completed  # noqa: PLC0415
 
     n = scan.n_frames
@@ -821,8 +866,12 @@ def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, p
     def submit(s):
         e = min(n, s + batch)
         mon = None if scan.monitor is None else scan.monitor[s:e]
+        if getattr(scan, "reader", None) is not None:  # the worker reads exactly s:e
+            source, a, b = scan.reader, s, e
+        else:
+            source, a, b = scan.frames[s:e], 0, e - s
         return client.submit(_worker_integrate, spec_json, spec.base_dir, str(poni), integ.shape,
-                             scan.frames[s:e], mon, s, e, src, key=f"integrate-{s}-{e}-{id(scan)}",
+                             source, mon, a, b, src, first_index=s, backend=backend, key=f"integrate-{s}-{e}-{id(scan)}",
                              pure=False)
 
     futures = {}
@@ -837,9 +886,7 @@ def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, p
         e = min(n, s + batch)
         i, sg = f.result()
         f.release()
-        patterns[s:e] = i
-        if sigma is not None and sg is not None:
-            sigma[s:e] = sg
+        emit(s, e, i, sg)
         done += e - s
         if progress is not None:
             progress(done, n)
@@ -883,7 +930,8 @@ def integrator_from_spec(spec, shape=None, poni=None) -> RadialIntegrator:
 
 def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = None,
                    integrator: RadialIntegrator | None = None, poni=None,
-                   max_batch_bytes: int = 512 * 2**20, client=None):
+                   max_batch_bytes: int = 512 * 2**20, client=None, sink=None,
+                   backend: str = "cpu"):
     """Integrate every frame of a scan, streaming batches of frames.
 
     Frames are computed ``spec.integration.batch_frames`` at a time, fewer when a batch would
@@ -909,15 +957,28 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
         (cached per process), reads its frames from the file itself (the readers re-open
         the file by path), and at most two batches per worker are in flight, so host memory
         stays bounded by batch size x workers whatever the scan length.
+    sink : callable(start, stop, intensity, sigma), optional
+        Receives each batch's results (frames ``start:stop``, arrays ``(stop - start, npt)``
+        float32, sigma possibly None) instead of collecting them, so that nothing of size
+        ``n_frames`` is held (e.g. :class:`tasks.store.GridWriter`). Batches arrive in scan
+        order without a client, in completion order with one.
+    backend : {"cpu", "gpu", "auto"}
+        Where the ``mean`` integration runs (:func:`tasks._xp.resolve_backend`). ``gpu``
+        without a client: :func:`_integrate_scan_gpu` (batch size from free GPU memory,
+        pinned host staging, copy overlapped with compute on two CUDA streams); with a
+        client, each worker moves its batch to its GPU. The clipping filters run on the
+        CPU whatever the backend.
 
     Returns
     -------
     radial : numpy.ndarray, shape (npt,), float64
         Bin centres in ``spec.integration.unit``.
-    patterns : numpy.ndarray, shape (n_frames, npt), float32
-        Intensity per frame (divided by the scan's monitor when it has one).
+    patterns : numpy.ndarray, shape (n_frames, npt), float32, or None
+        Intensity per frame (divided by the scan's monitor when it has one); None with a
+        ``sink``.
     sigma : numpy.ndarray, shape (n_frames, npt), float32, or None
-        Standard errors (None for ``error_model="none"`` with ``method="mean"``).
+        Standard errors (None for ``error_model="none"`` with ``method="mean"``, or with a
+        ``sink``).
 
     Raises
     ------
@@ -925,7 +986,12 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
         Sinogram input, empty scan, spec problems.
     tasks.ingest.IngestError
         Frames that fail :func:`check_frames`, unreadable chunks.
+    tasks._xp.BackendError
+        ``backend="gpu"`` without cupy or a device.
     """
+    from tasks._xp import resolve_backend  # noqa: PLC0415
+
+    backend = resolve_backend(backend)
     if scan.kind == "sinogram" or scan.frames is None:
         raise IntegrationError(f"{scan.source}: scan kind {scan.kind!r} holds no frames "
                                f"(already integrated?); nothing to integrate")
@@ -942,20 +1008,36 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
     batch = max(1, min(int(ispec.batch_frames), int(max_batch_bytes) // max(frame_bytes, 1)))
     dummy, delta = integ.dummies(scan.frames.dtype)
     src = f"{scan.source}: {scan.frames_dataset or 'frames'}"
-    patterns = np.zeros((n, integ.npt), np.float32)
     want_sigma = not (method == "mean" and ispec.error_model != "poisson")
-    sigma = np.zeros((n, integ.npt), np.float32) if want_sigma else None
     radial = integ.radial if method == "mean" else integ.radial_clip
+    if sink is None:
+        patterns = np.zeros((n, integ.npt), np.float32)
+        sigma = np.zeros((n, integ.npt), np.float32) if want_sigma else None
 
+        def emit(s, e, i, sg):
+            patterns[s:e] = i
+            if sigma is not None and sg is not None:
+                sigma[s:e] = sg
+    else:
+        patterns = sigma = None
+
+        def emit(s, e, i, sg):
+            sink(s, e, i, sg if want_sigma else None)
+
+    if backend == "gpu" and client is None and method == "mean":
+        _integrate_scan_gpu(integ, scan, ispec, src, emit, progress, max_batch_bytes)
+        return radial, patterns, sigma
     starts = list(range(0, n, batch))
     if client is not None:
-        _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, patterns, sigma,
-                              progress)
+        _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, emit, progress,
+                              backend=backend)
         return radial, patterns, sigma
+
+    source = _batch_source(scan)
 
     def load(s):
         e = min(n, s + batch)
-        return s, e, np.asarray(scan.frames[s:e].compute(scheduler="synchronous"))
+        return s, e, _read_block(source, s, e)
 
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(load, starts[0])
@@ -965,9 +1047,127 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
                 fut = pool.submit(load, starts[k + 1])
             mon = None if scan.monitor is None else scan.monitor[s:e]
             i, sg = integrate_batch(integ, block, mon, ispec, src, s, dummy, delta)
-            patterns[s:e] = i
-            if sigma is not None and sg is not None:
-                sigma[s:e] = sg
+            del block
+            emit(s, e, i, sg)
             if progress is not None:
                 progress(e, n)
     return radial, patterns, sigma
+
+
+def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, progress,
+                        max_batch_bytes: int, free_bytes: int | None = None) -> int:
+    """Mean integration of a whole scan on the GPU, streamed through pinned host buffers.
+
+    Pipeline (two pinned host buffers, two device buffers, a copy stream and a compute
+    stream)::
+
+        reader thread : read batch k+2 (disk, decode)         -- numpy, detector dtype
+        host          : batch k+1 -> pinned[(k+1)%2]          -- memcpy, detector dtype
+        copy stream   : pinned[(k+1)%2] -> device[(k+1)%2]    -- async H2D, overlaps...
+        compute stream: check + integrate device[k%2]         -- ...this (cuSPARSE)
+        host          : results of k -> emit                  -- D2H of (n, npt) only
+
+    Frames cross PCIe in their detector integer type (4 bytes/pixel for uint32, not 4 for a
+    float32 copy made on the host first); the float conversion happens on the device. The
+    batch is the number of frames that fit in half the free device memory
+    (:func:`tasks._xp.batch_from_free_memory` with :meth:`RadialIntegrator.gpu_bytes`,
+    two device buffers counted), capped so that the two pinned buffers stay within
+    ``max_batch_bytes``.
+
+    Parameters
+    ----------
+    integ : RadialIntegrator
+    scan : tasks.ingest.Scan
+    ispec : pipelines.spec.IntegrationSpec
+    src : str
+        File and dataset, for messages.
+    emit : callable(start, stop, intensity, sigma)
+        Receives numpy ``(stop - start, npt)`` float32 results in scan order.
+    progress : callable(done, total) or None
+    max_batch_bytes : int
+        Bound on the pinned host memory of both staging buffers together.
+    free_bytes : int, optional
+        Free device memory to plan with (default: :func:`tasks._xp.free_gpu_bytes`).
+
+    Returns
+    -------
+    int
+        The batch size used (frames).
+    """
+    import cupy as cp  # noqa: PLC0415
+    import cupyx  # noqa: PLC0415
+
+    from tasks._xp import batch_from_free_memory, free_gpu_bytes  # noqa: PLC0415
+    from tasks.ingest import check_frames  # noqa: PLC0415
+
+    n = scan.n_frames
+    H, W = integ.shape
+    dtype = np.dtype(scan.frames.dtype)
+    frame_bytes = H * W * dtype.itemsize
+    per_frame, fixed = integ.gpu_bytes(dtype)
+    free = free_gpu_bytes() if free_bytes is None else int(free_bytes)
+    # two device frame buffers (in flight + being computed) besides the compute temporaries
+    batch = batch_from_free_memory(free, per_frame + frame_bytes, fixed, fraction=0.5,
+                                   max_items=min(n, max(1, max_batch_bytes // (2 * frame_bytes))),
+                                   what=f"GPU integration of {H}x{W} {dtype} frames")
+    dummy, delta = integ.dummies(dtype)
+    source = _batch_source(scan)
+    starts = list(range(0, n, batch))
+    pinned = [cupyx.empty_pinned((batch, H, W), dtype) for _ in range(2)]
+    dev = [cp.empty((batch, H, W), dtype) for _ in range(2)]
+    copy_stream = cp.cuda.Stream(non_blocking=True)
+    comp_stream = cp.cuda.Stream(non_blocking=True)
+    copied: list = [None, None]
+    computed: list = [None, None]
+
+    def load(s):
+        e = min(n, s + batch)
+        return s, e, _read_block(source, s, e)
+
+    def stage(k, block):
+        """Host block -> pinned[k%2] -> device[k%2] (async on the copy stream)."""
+        j = k % 2
+        m = block.shape[0]
+        if copied[j] is not None:
+            copied[j].synchronize()  # pinned[j] no longer read by the previous copy
+        pinned[j][:m] = block
+        if computed[j] is not None:
+            copy_stream.wait_event(computed[j])  # device[j] no longer read by the kernels
+        dev[j][:m].set(pinned[j][:m], stream=copy_stream)
+        copied[j] = copy_stream.record()
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(load, starts[0])
+        s0, e0, block = fut.result()
+        if len(starts) > 1:
+            fut = pool.submit(load, starts[1])
+        stage(0, block)
+        cur = (s0, e0)
+        for k in range(len(starts)):
+            j = k % 2
+            s, e = cur
+            m = e - s
+            nxt = None
+            if k + 1 < len(starts):  # stage batch k+1 while batch k computes
+                s1, e1, block = fut.result()
+                if k + 2 < len(starts):
+                    fut = pool.submit(load, starts[k + 2])
+                stage(k + 1, block)
+                nxt = (s1, e1)
+                del block
+            comp_stream.wait_event(copied[j])
+            with comp_stream:
+                f = dev[j][:m]
+                check_frames(f, src, s, mask=integ.mask, dummy=dummy, delta_dummy=delta)
+                mon = None if scan.monitor is None else scan.monitor[s:e]
+                i, sg = integ.integrate(f, mon)
+                computed[j] = comp_stream.record()
+                i_h = i.get(stream=comp_stream)
+                sg_h = None if sg is None else sg.get(stream=comp_stream)
+            comp_stream.synchronize()
+            emit(s, e, i_h, sg_h)
+            if progress is not None:
+                progress(e, n)
+            cur = nxt
+    copy_stream.synchronize()
+    return batch

@@ -253,3 +253,125 @@ def provenance(path: str | Path) -> dict:
     import zarr
 
     return dict(zarr.open_group(str(path), mode="r").attrs.get(PROVENANCE_KEY, {}))
+
+
+def lazy_zeros(dims: tuple[str, ...], shape: tuple[int, ...], dtype=np.float32):
+    """A dask array of zeros chunked exactly as :func:`write_variables` will store it.
+
+    Put it in a dataset given to :func:`write_variables` to create a variable (metadata,
+    coordinates, zero chunks computed one at a time) that :class:`GridWriter` then fills,
+    so a stage never holds the whole variable.
+    """
+    import dask.array as da
+
+    dtype = np.dtype(dtype)
+    return da.zeros(shape, dtype=dtype, chunks=_chunks(tuple(dims), tuple(shape), dtype.itemsize))
+
+
+class GridWriter:
+    """Fill (z, a, b, radial) variables of a work store frame batch by frame batch.
+
+    Integration produces frames in acquisition order; the product stores them on the scan
+    grid. Rows are buffered per Zarr chunk of the target variables and a chunk is written
+    (one aligned region write, no read-modify-write) as soon as all its frames have
+    arrived, so for a scan acquired in grid order the memory held is about one chunk plus
+    one batch, whatever the scan length. Frames arriving in any other order (snake scans,
+    out-of-order batches from a cluster) are correct too; they only hold more chunks.
+
+    Parameters
+    ----------
+    store : path
+        Work store holding the variables (created with :func:`lazy_zeros`).
+    names : sequence of str
+        Variables to fill, each of shape ``index.shape + (npt,)``, float32.
+    index : numpy.ndarray of int, shape (nz, na, nb)
+        Frame index of each grid point (:class:`tasks.ingest.Grid`).
+
+    Raises
+    ------
+    ValueError
+        A frame written twice, a batch of the wrong width, or (at :meth:`close`) grid
+        points without a frame.
+    """
+
+    def __init__(self, store, names, index: np.ndarray):
+        import zarr
+
+        self.arrays = [zarr.open_array(str(Path(store) / n), mode="r+") for n in names]
+        self.names = list(names)
+        index = np.asarray(index, dtype=np.int64)
+        self.grid_shape = index.shape
+        shape = self.arrays[0].shape
+        if tuple(shape[:3]) != tuple(index.shape):
+            raise ValueError(f"{store}: variable {names[0]} has shape {shape}; expected "
+                             f"{index.shape} + (radial,)")
+        self.npt = int(shape[3])
+        self.chunks = tuple(int(c) for c in self.arrays[0].chunks[:3])
+        n = index.size
+        self.point = np.empty(n, dtype=np.int64)  # frame -> flat grid point
+        self.point[index.ravel()] = np.arange(n)
+        self.seen = np.zeros(n, dtype=bool)
+        self.pending: dict[tuple, list] = {}
+        self.written = 0
+
+    def _box(self, key):
+        lo = [k * c for k, c in zip(key, self.chunks)]
+        hi = [min(l + c, s) for l, c, s in zip(lo, self.chunks, self.grid_shape)]
+        return lo, hi
+
+    def __call__(self, s: int, e: int, *values) -> None:
+        """Store the rows of frames ``s:e`` (one ``(e - s, npt)`` array, or None for NaN,
+        per variable)."""
+        if len(values) != len(self.arrays):
+            raise ValueError(f"GridWriter: {len(values)} arrays for variables {self.names}")
+        frames = np.arange(s, e)
+        if self.seen[frames].any():
+            raise ValueError(f"GridWriter: frame {int(frames[self.seen[frames]][0])} written twice")
+        self.seen[frames] = True
+        vals = [None if v is None else np.asarray(v, np.float32) for v in values]
+        for v in vals:
+            if v is not None and v.shape != (e - s, self.npt):
+                raise ValueError(f"GridWriter: batch of shape {v.shape}; expected {(e - s, self.npt)}")
+        coords = np.stack(np.unravel_index(self.point[frames], self.grid_shape), axis=1)
+        keys = coords // np.asarray(self.chunks)
+        for key in {tuple(int(x) for x in k) for k in keys}:
+            sel = np.flatnonzero((keys == key).all(axis=1))
+            if key not in self.pending:
+                lo, hi = self._box(key)
+                size = tuple(h - l for l, h in zip(lo, hi))
+                self.pending[key] = [[np.full(size + (self.npt,), np.nan, np.float32)
+                                      for _ in self.arrays], 0, lo, hi, int(np.prod(size))]
+            bufs, count, lo, hi, total = self.pending[key]
+            local = tuple((coords[sel] - np.asarray(lo)).T)
+            for buf, v in zip(bufs, vals):
+                if v is not None:
+                    buf[local] = v[sel]
+            count += sel.size
+            self.pending[key][1] = count
+            if count == total:
+                region = tuple(slice(l, h) for l, h in zip(lo, hi))
+                for arr, buf in zip(self.arrays, bufs):
+                    arr[region] = buf
+                self.written += 1
+                del self.pending[key]
+
+    def close(self) -> None:
+        """Check that every grid point was written (all chunks flushed)."""
+        if self.pending or not self.seen.all():
+            missing = int((~self.seen).sum())
+            raise ValueError(f"GridWriter: {missing} frame(s) never written; "
+                             f"{len(self.pending)} chunk(s) of {self.names} incomplete")
+
+
+def write_slice(store, name: str, iz: int, values) -> None:
+    """Write ``values`` (shape of the variable without its first axis) as slice ``iz`` of
+    variable ``name`` of a work store (created beforehand, e.g. with :func:`lazy_zeros`).
+    Chunks hold one z slice, so the write is chunk-aligned (no read-modify-write)."""
+    import zarr
+
+    arr = zarr.open_array(str(Path(store) / name), mode="r+")
+    values = np.asarray(values, dtype=arr.dtype)
+    if values.shape != tuple(arr.shape[1:]):
+        raise ValueError(f"{store}: variable {name} slice has shape {tuple(arr.shape[1:])}; "
+                         f"got {values.shape}")
+    arr[int(iz)] = values

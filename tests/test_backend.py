@@ -1,0 +1,219 @@
+"""Array backend choice (spec ``backend``, CLI ``--backend``), GPU batch size from free
+memory (fake numbers on the CPU), and the GPU integration / FBP paths against the CPU
+(gpu-marked: run on the device machine)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.spec import SpecError, load_spec, parse_spec
+from tasks import _xp
+from tasks._xp import BackendError, batch_from_free_memory, resolve_backend
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+
+
+def _no_gpu():
+    return not _xp.gpu_status()[0]
+
+
+# ------------------------------------------------------------------------------ choice
+def test_resolve_backend(monkeypatch):
+    assert resolve_backend("cpu") == "cpu"
+    monkeypatch.setattr(_xp, "gpu_status", lambda: (False, "no CUDA device (cupy sees 0 devices)"))
+    assert resolve_backend("auto") == "cpu" and resolve_backend(None) == "cpu"
+    with pytest.raises(BackendError, match=r"backend 'gpu' requested .* no CUDA device \(cupy sees 0"):
+        resolve_backend("gpu")
+    monkeypatch.setattr(_xp, "gpu_status", lambda: (True, "NVIDIA H100"))
+    assert resolve_backend("auto") == "gpu" and resolve_backend("GPU") == "gpu"
+    assert resolve_backend("cpu") == "cpu"
+    with pytest.raises(BackendError, match="backend 'cuda': expected one of cpu, gpu, auto"):
+        resolve_backend("cuda")
+
+
+@pytest.mark.skipif(not _no_gpu(), reason="checks the no-GPU message; this machine has a GPU")
+def test_gpu_status_says_why_not_here():
+    ok, why = _xp.gpu_status()
+    assert not ok and ("cupy does not import" in why or "no CUDA device" in why)
+
+
+def test_spec_backend_field():
+    assert parse_spec({}).backend == "auto"
+    assert parse_spec({"backend": "gpu"}).backend == "gpu"
+    for name in ("default", "demo", "battery", "catalyst"):  # shipped YAMLs stay valid
+        assert load_spec(name).backend == "auto"
+    with pytest.raises(SpecError, match=r"backend: Input should be 'cpu', 'gpu' or 'auto' \(got 'cuda'\)"):
+        parse_spec({"backend": "cuda"}, source="x.yaml")
+    with pytest.raises(SpecError, match="integration.backend: unknown key"):
+        parse_spec({"integration": {"backend": "gpu"}})
+    # part of the spec's identity (provenance, product id)
+    assert parse_spec({"backend": "cpu"}).canonical_json() != parse_spec({}).canonical_json()
+
+
+@pytest.mark.skipif(not _no_gpu(), reason="a GPU is present here")
+def test_gpu_requested_without_device_is_one_clear_error(tmp_path, capsys):
+    from flows.cli import main
+    from flows.process import run_pipeline
+
+    scan = tmp_path / "scan.h5"
+    scan.write_bytes(b"")
+    with pytest.raises(BackendError, match="backend 'gpu' requested"):
+        run_pipeline(scan, pipeline="default", out=tmp_path / "out", backend="gpu")
+    assert not (tmp_path / "out" / ".work").exists()  # nothing started
+    with pytest.raises(SpecError, match="backend 'tpu'"):
+        run_pipeline(scan, pipeline="default", out=tmp_path / "out", backend="tpu")
+    rc = main(["process", str(scan), "--backend", "gpu", "--no-prefect", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert rc == 2 and "backend 'gpu' requested" in out
+    with pytest.raises(SystemExit):
+        main(["process", str(scan), "--backend", "tpu"])
+
+
+# ------------------------------------------------------------------------------ batch size
+def test_batch_from_free_memory_numbers():
+    # 80 GiB free, half usable, 1 GiB fixed: (40 - 1) GiB / 100 MiB = 399.36 -> 399
+    assert batch_from_free_memory(80 * GiB, 100 * MiB, 1 * GiB) == 399
+    assert batch_from_free_memory(80 * GiB, 100 * MiB, 1 * GiB, multiple=32) == 384
+    assert batch_from_free_memory(80 * GiB, 100 * MiB, 1 * GiB, max_items=50) == 50
+    assert batch_from_free_memory(80 * GiB, 100 * MiB, fraction=1.0) == 819
+    # a smaller card (or a busier one) gets a smaller batch: never a constant
+    assert batch_from_free_memory(16 * GiB, 100 * MiB, 1 * GiB) == 71
+    assert batch_from_free_memory(16 * GiB, 100 * MiB, 1 * GiB, multiple=32) == 64
+    assert batch_from_free_memory(1 * GiB, 300 * MiB, 0, multiple=32) == 1  # < multiple: kept
+    with pytest.raises(BackendError, match=r"not even one item fits in the GPU: 1024 MiB free, "
+                                           r"50% usable, 600 MiB fixed, 100.0 MiB per item"):
+        batch_from_free_memory(1 * GiB, 100 * MiB, 600 * MiB)
+    with pytest.raises(ValueError, match="bytes_per_item"):
+        batch_from_free_memory(GiB, 0)
+    with pytest.raises(ValueError, match="fraction"):
+        batch_from_free_memory(GiB, 1, fraction=1.5)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    from tasks.simulate import SimConfig, simulate_scan
+
+    return simulate_scan(tmp_path_factory.mktemp("sim") / "scan",
+                         SimConfig(n_translations=12, n_angles=6, npt_sim=500, cor_offset_px=0.0))
+
+
+def _spec(sim, **integration):
+    return parse_spec({"integration": {"npt": 500, "radial_range": [10.0, 66.0], **integration},
+                       "calibration": {"poni": str(sim.poni_path)}})
+
+
+def test_integrator_gpu_bytes_and_batch(sim):
+    from tasks.integrate import integrator_from_spec
+
+    integ = integrator_from_spec(_spec(sim), shape=(213, 206))
+    per_frame, fixed = integ.gpu_bytes(np.uint32)
+    npix = 213 * 206
+    assert per_frame == npix * (4 + 21) + 6 * 4 * 500
+    nnz = integ._csr("bbox").A.nnz
+    assert fixed == 2 * (nnz * 8 + 501 * 4) + npix * 8 + 500 * 8
+    assert integ.gpu_bytes(np.uint16)[0] == per_frame - 2 * npix  # frames stay 2-byte ints
+    # what the GPU path would pick on an 80 GB card and on a 4 GB card
+    big = batch_from_free_memory(80 * 10 ** 9, per_frame + npix * 4, fixed)
+    small = batch_from_free_memory(4 * 10 ** 9, per_frame + npix * 4, fixed)
+    assert big == (40 * 10 ** 9 - fixed) // (per_frame + npix * 4)
+    assert 15 < small < big // 19
+
+
+# ------------------------------------------------------------------------------ GPU (device machine)
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("free_gib", [None, 0.02])
+def test_gpu_scan_integration_matches_cpu(sim, free_gib):
+    """Pinned staging + two streams, the batch from (real or small fake) free memory, against
+    the CPU path: 1e-5 relative (intensity and sigma)."""
+    from tasks.ingest import open_nexus
+    from tasks.integrate import _integrate_scan_gpu, integrate_scan, integrator_from_spec
+
+    spec = _spec(sim)
+    scan = open_nexus(sim.nexus_path)
+    assert scan.frames.dtype == np.uint32
+    integ = integrator_from_spec(spec, shape=scan.frame_shape)
+    radial, i_cpu, s_cpu = integrate_scan(scan, spec, integrator=integ, backend="cpu")
+    got_i = np.full_like(i_cpu, np.nan)
+    got_s = np.full_like(s_cpu, np.nan)
+    order = []
+
+    def emit(s, e, i, sg):
+        order.append(s)
+        got_i[s:e] = i
+        got_s[s:e] = sg
+
+    free = None if free_gib is None else int(free_gib * GiB)
+    batch = _integrate_scan_gpu(integ, scan, spec.integration, "sim", emit, None, 512 * MiB,
+                                free_bytes=free)
+    if free is not None:
+        assert 1 <= batch < scan.n_frames  # several batches: both buffers and streams used
+    assert order == sorted(order) and not np.isnan(got_i).any()
+    assert _rel(got_i, i_cpu) < 1e-5 and _rel(got_s, s_cpu) < 1e-5
+    # the public entry point picks the same path
+    _, i2, s2 = integrate_scan(scan, spec, integrator=integ, backend="gpu")
+    assert _rel(i2, i_cpu) < 1e-5 and _rel(s2, s_cpu) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_bytes_is_an_upper_bound(sim):
+    import cupy as cp
+
+    from tasks.ingest import open_nexus
+    from tasks.integrate import integrator_from_spec
+
+    scan = open_nexus(sim.nexus_path)
+    integ = integrator_from_spec(_spec(sim), shape=scan.frame_shape)
+    frames = cp.asarray(scan.frames[:16].compute())
+    integ.integrate(frames[:1])  # matrices on the device
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    before = pool.used_bytes()
+    out = integ.integrate(frames)
+    cp.cuda.Device().synchronize()
+    per_frame, fixed = integ.gpu_bytes(frames.dtype)
+    assert pool.total_bytes() - before <= 16 * per_frame
+    assert out[0].shape == (16, 500)
+
+
+@pytest.mark.gpu
+def test_gpu_fbp_matches_cpu():
+    import cupy as cp
+
+    from helpers import phantom
+    from tasks.reconstruct import fbp, radon
+
+    img = phantom(64, nb=5).astype(np.float32)
+    angles = np.linspace(0, 180, 90, endpoint=False)
+    sino = radon(img, angles)
+    v_cpu = fbp(sino, angles)
+    v_gpu = fbp(cp.asarray(sino), angles)
+    assert _rel(cp.asnumpy(v_gpu), v_cpu) < 1e-4
+
+
+# ------------------------------------------------------------------------------ cluster setting
+def test_cluster_setting(monkeypatch):
+    import sys
+
+    from flows.process import _dask_client
+
+    monkeypatch.delenv("XRDCT_CLUSTER", raising=False)
+    monkeypatch.delenv("XRDCT_DASK_ADDRESS", raising=False)
+    c = _dask_client(None, None)
+    assert (c.kind, c.address) == ("local", None)
+    c = _dask_client(None, None, "tcp://10.0.0.5:8786")  # an address attaches
+    assert (c.kind, c.address) == ("local", "tcp://10.0.0.5:8786")
+    monkeypatch.setenv("XRDCT_CLUSTER", "cuda")
+    assert _dask_client(None, 2).kind == "cuda"
+    with pytest.raises(BackendError, match="cluster 'gpus': expected 'local', 'cuda' or a Dask"):
+        _dask_client(None, None, "gpus")
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails as without the extra
+    with pytest.raises(BackendError, match=r"cluster 'cuda' needs dask_cuda .*\(pip install -e '\.\[gpu\]'"):
+        with _dask_client(None, None, "cuda"):
+            pass
