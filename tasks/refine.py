@@ -798,8 +798,8 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
     else:
         s = xp.asarray(sigma, dtype=xp.float64)
         if s.ndim == 1 and s.shape[0] == n:
-            w_sh = 1.0 / (s * s)
             bad = xp.isnan(s) | (s <= 0)
+            w_sh = 1.0 / (xp.where(bad, 1.0, s) ** 2)
         else:
             try:
                 s = xp.broadcast_to(s, Y.shape).reshape(-1, n)[keep]
@@ -807,8 +807,8 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
                 raise RefineError(f"sigma: expected shape ({n},) or broadcastable to {tuple(Y.shape)}, "
                                   f"got {tuple(xp.asarray(sigma).shape)}") from None
             shared = False
-            w_all = 1.0 / (s * s)
             bad = xp.isnan(s) | (s <= 0)
+            w_all = 1.0 / (xp.where(bad, 1.0, s) ** 2)
         if bool(xp.any(bad)):
             raise RefineError("sigma: expected values > 0 (inf drops a bin), got zero/negative/NaN")
     Vk = int(keep.shape[0])
@@ -897,7 +897,10 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
             moved = xp.abs(xt - xa) <= xtol * (xp.abs(xa) + typ[None, :]) + 1e-300
             small = xp.all(moved | hold, axis=1)
             tiny_gain = (chi_old - chit) <= 1e-14 * chi_old
-            done = (better & (small | tiny_gain)) | (lam[a] > 1e12) | (chi[a] == 0)
+            # a step far below the statistical resolution: |dx| sqrt(A_ii) << sqrt(chi2 / n)
+            stat = xp.abs(xt - xa) * xp.sqrt(dg) <= 1e-4 * xp.sqrt(chit / n)[:, None]
+            stat_small = xp.all(stat | hold, axis=1)
+            done = (better & (small | tiny_gain | stat_small)) | (lam[a] > 1e12) | (chi[a] == 0)
             active[a[done]] = False
             del Ja, Jw, A, Jt, yt, rt
         # covariance at the solution
@@ -1063,7 +1066,8 @@ def refine_profile(pattern, radial, unit: str, wavelength_m: float, calibrant: P
     calibrant : Phase
         The calibrant (certified cell in its CIF).
     start : dict or None
-        Start ``U, V, W, eta, zero_shift_deg`` (default W = 0.0025, eta = 0.5).
+        Start ``U, V, W, eta, zero_shift_deg`` (default W = 0.001, eta = 0.5). A first
+        stage refines ``W, eta, zero`` (and the cell) with ``U = V = 0``, a second all.
     background_order : int
     sigma : None or array_like (n,)
     refine_lattice : bool
@@ -1096,7 +1100,7 @@ def refine_profile(pattern, radial, unit: str, wavelength_m: float, calibrant: P
     w = np.where(ok, w, 0.0)
     sw = np.sqrt(w)
     y0 = np.where(ok, y, 0.0)
-    st = dict(U=0.0, V=0.0, W=0.0025, eta=0.5, zero_shift_deg=0.0)
+    st = dict(U=0.0, V=0.0, W=0.001, eta=0.5, zero_shift_deg=0.0)
     st.update(start or {})
 
     def pattern_for(p):
@@ -1123,12 +1127,29 @@ def refine_profile(pattern, radial, unit: str, wavelength_m: float, calibrant: P
     p0 = [st["U"], st["V"], st["W"], st["eta"], st["zero_shift_deg"]]
     lb = [-1.0, -1.0, 1e-8, 0.0, -1.0]
     ub = [1.0, 1.0, 1.0, 1.0, 1.0]
+    x_scale = [1e-3, 1e-3, 1e-4, 0.1, 1e-3]
     if refine_lattice:
         p0.append(calibrant.a)
         lb.append(calibrant.a * 0.99)
         ub.append(calibrant.a * 1.01)
-    x_scale = [1e-3, 1e-3, 1e-4, 0.1, 1e-3] + ([1e-4] if refine_lattice else [])
-    sol = least_squares(resid, p0, bounds=(lb, ub), x_scale=x_scale, method="trf",
+        x_scale.append(1e-4)
+    p0 = np.clip(np.asarray(p0, dtype=np.float64), lb, ub)
+    # stage 1: constant width (U = V = 0; W, eta, zero, cell) -- always a valid profile,
+    # so the search cannot wander into U, V where FWHM^2 <= 0; stage 2: all parameters
+    sub = [2, 3, 4] + ([5] if refine_lattice else [])
+
+    def resid_sub(q):
+        p = p0.copy()
+        p[0] = p[1] = 0.0
+        p[sub] = q
+        return resid(p)
+
+    s1 = least_squares(resid_sub, p0[sub], bounds=(np.asarray(lb)[sub], np.asarray(ub)[sub]),
+                       x_scale=np.asarray(x_scale)[sub], method="trf", max_nfev=200)
+    p1 = p0.copy()
+    p1[0] = p1[1] = 0.0
+    p1[sub] = s1.x
+    sol = least_squares(resid, p1, bounds=(lb, ub), x_scale=x_scale, method="trf",
                         xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=400)
     ref, T = pattern_for(sol.x)
     D = np.concatenate([ref[None], T], axis=0).T
