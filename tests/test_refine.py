@@ -284,7 +284,7 @@ def test_refine_profile_real_ceo2_pilatus2m(ph):
 # ------------------------------------------------------------------------------------
 
 
-def test_real_battery_pattern_refinement(ph):
+def test_real_battery_pattern_refinement(ph, tmp_path):
     """Summed pattern of a real Li-ion cell (nDTomo, 'pristine'): refining cells, size,
     strain and zero shift beats the scale-only fit. The current collector (Cu) and can
     (Fe) cells come back at their handbook values, which pins the wavelength; LiCoO2's a
@@ -322,6 +322,14 @@ def test_real_battery_pattern_refinement(ph):
     for n in ("LiCoO2", "Cu", "Fe"):
         i = names.index(n)
         assert res.scale[b, i] > 10 * res.scale_esd[b, i], n
+    # the figure: the fitted pattern, its residual and each phase's contribution
+    from tasks.plots import refinement_png
+
+    xb = res.params[[b]]
+    png = refinement_png(tmp_path / "battery_fit.png", x, y[None], evaluate(m, xb),
+                         evaluate(m, xb, per_phase=True), names, unit="2th_deg",
+                         titles=[f"Pristine_summed.xy, Rwp {rwp:.3f} (scale-only {rwp_scales:.3f})"])
+    assert png.stat().st_size > 20_000
 
 
 # ------------------------------------------------------------------------------------
