@@ -161,6 +161,8 @@ class RefineSpec(_Strict):
     window_fwhm: float = Field(default=6.0, gt=0, description="reflection support in FWHM")
     max_iter: int = Field(default=40, ge=1, le=1000)
     chunk_voxels: int = Field(default=256, ge=1)
+    seed_weak_from_neighbours: bool = Field(
+        default=False, description="refit weak voxels from their neighbours' cells (tasks.refine.refine_seeded)")
 
 
 class MappingSpec(_Strict):

@@ -98,6 +98,11 @@ __all__ = [
     "start_parameters",
     "refine",
     "refine_profile",
+    "refine_seeded",
+    "weak_voxels",
+    "model_from_mapping",
+    "refine_variables",
+    "to_host",
 ]
 
 DEG = 180.0 / math.pi
@@ -1252,7 +1257,8 @@ def refine_variables(volume, sigma, mask, phases, radial, unit: str, wavelength_
     """
     model = model_from_mapping(phases, radial, unit, wavelength_m, mapping)
     rs = mapping.refine
-    res = refine(model, volume, sigma, mask=mask, max_iter=rs.max_iter, chunk_voxels=rs.chunk_voxels)
+    fit = refine_seeded if rs.seed_weak_from_neighbours else refine
+    res = fit(model, volume, sigma, mask=mask, max_iter=rs.max_iter, chunk_voxels=rs.chunk_voxels)
 
     def zp(a):  # (z, y, x, phase) -> (z, phase, y, x)
         return np.moveaxis(np.asarray(to_numpy(a), np.float32), -1, 1)
@@ -1292,3 +1298,122 @@ def refine_variables(volume, sigma, mask, phases, radial, unit: str, wavelength_
         data["zero_shift_esd"] = (("z", "y", "x"), np.asarray(to_numpy(res.zero_esd), np.float32),
                                   {"long_name": "esd of zero shift", "units": "deg"})
     return data, res
+
+
+# --------------------------------------------------------------------------------------
+# Weak voxels seeded from their neighbours
+# --------------------------------------------------------------------------------------
+
+
+def weak_voxels(model: RefineModel, result: RefineResult, rel_esd: float = 0.05):
+    """(...) bool: fitted voxels whose refinement is not trustworthy on its own: not
+    converged, or a present phase whose refined cell or scale has no esd (stuck on a
+    bound) or a relative scale esd above ``rel_esd``."""
+    xp = get_xp(result.params)
+    weak = ~result.converged & ~result.mask
+    for ip, sl in enumerate(model.phase_slices):
+        S = result.params[..., sl["scale"]]
+        present = S > 0
+        e = result.esd[..., sl["scale"]]
+        weak |= present & ~(e <= rel_esd * S)
+        for j in sl["lattice"]:
+            weak |= present & ~xp.isfinite(result.esd[..., j]) & bool(model.refined[j])
+    return weak & ~result.mask
+
+
+def refine_seeded(model: RefineModel, volume, sigma=None, *, mask=None, rel_esd: float = 0.05,
+                  radius: int = 1, **kw) -> RefineResult:
+    """Refine a volume, then refit weak voxels from their neighbours' parameters.
+
+    Sequential option for weak voxels (few counts, a minor phase): after the batched fit
+    of every voxel, each voxel flagged by :func:`weak_voxels` gets a second batched fit
+    started from the median parameters (cells, size, strain, zero) of the trustworthy
+    voxels within ``radius`` in y and x (and the neighbouring slices in z), with its own
+    NNLS scales and background. The second fit replaces the first where it reaches a
+    lower chi^2.
+
+    Parameters
+    ----------
+    model : RefineModel
+    volume : array (z, y, x, n) or (y, x, n)
+    sigma, mask : as :func:`refine`
+    rel_esd : float
+        Threshold of :func:`weak_voxels`.
+    radius : int
+        Neighbourhood half-width (voxels).
+    **kw
+        Passed to :func:`refine`.
+
+    Returns
+    -------
+    RefineResult
+        With ``n_iter`` of the refitted voxels replaced by their second fit's.
+    """
+    xp = get_xp(volume)
+    vol = xp.asarray(volume)
+    if vol.ndim not in (3, 4):
+        raise RefineError(f"volume: expected (z, y, x, n) or (y, x, n), got shape {tuple(vol.shape)}")
+    first = refine(model, vol, sigma, mask=mask, **kw)
+    weak = weak_voxels(model, first, rel_esd)
+    if not bool(xp.any(weak)):
+        return first
+    P = model.n_param
+    params = to_numpy(first.params)
+    good = to_numpy(~weak & ~first.mask)
+    w4 = to_numpy(weak)
+    if vol.ndim == 3:
+        params, good, w4 = params[None], good[None], w4[None]
+    nz, ny, nx = good.shape
+    nonlin = np.ones(P, dtype=bool)
+    for sl in model.phase_slices:
+        nonlin[sl["scale"]] = False
+    nonlin[model.i_bg] = False
+    idx = np.argwhere(w4)
+    x0 = np.full((idx.shape[0], P), np.nan)
+    for k, (iz, iy, ix) in enumerate(idx):
+        zs = slice(max(0, iz - 1), iz + 2)
+        ys = slice(max(0, iy - radius), iy + radius + 1)
+        xs = slice(max(0, ix - radius), ix + radius + 1)
+        nb = params[zs, ys, xs][good[zs, ys, xs]]
+        x0[k] = params[iz, iy, ix]
+        if nb.shape[0]:
+            med = np.nanmedian(nb, axis=0)
+            x0[k, nonlin] = np.where(np.isfinite(med[nonlin]), med[nonlin], x0[k, nonlin])
+    flat = vol.reshape(-1, model.n)
+    sel = np.ravel_multi_index(idx.T, (nz, ny, nx))
+    yw = flat[xp.asarray(sel)].astype(xp.float64)
+    sw = None
+    if sigma is not None:
+        s = xp.asarray(sigma, dtype=xp.float64)
+        sw = s if s.ndim == 1 else xp.broadcast_to(s, vol.shape).reshape(-1, model.n)[xp.asarray(sel)]
+    # fresh NNLS scales and background at the seeded cells
+    st = start_parameters(model, yw, sw)
+    x0 = xp.asarray(x0)
+    for sl in model.phase_slices:
+        x0[:, sl["scale"]] = st[:, sl["scale"]]
+    x0[:, model.i_bg] = st[:, model.i_bg]
+    kw2 = {k: v for k, v in kw.items() if k != "x0"}
+    second = refine(model, yw, sw, x0=x0, **kw2)
+    better = to_numpy(second.chi2 < to_numpy(first.chi2).reshape(-1)[sel])
+    # merge: replace the arrays of the voxels where the seeded fit is better
+    out = {}
+    for name, v in first.__dict__.items():
+        if name in ("names", "mask"):
+            out[name] = v
+            continue
+        if isinstance(v, dict):
+            out[name] = {}
+            for kk, arr in v.items():
+                a = to_numpy(arr).copy()
+                af = a.reshape((-1,) + a.shape[vol.ndim - 1:])
+                af[sel[better]] = to_numpy(getattr(second, name)[kk])[better]
+                out[name][kk] = xp.asarray(a)
+            continue
+        if v is None or getattr(second, name) is None:
+            out[name] = v
+            continue
+        a = to_numpy(v).copy()
+        af = a.reshape((-1,) + a.shape[vol.ndim - 1:])
+        af[sel[better]] = to_numpy(getattr(second, name))[better]
+        out[name] = xp.asarray(a)
+    return RefineResult(**out)
