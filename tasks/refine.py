@@ -304,9 +304,13 @@ class RefineModel:
         key = xp.__name__
         if key in self._dev:
             return self._dev[key]
+        n = self.n
+        # padded beyond the last bin (edges repeat the last edge, weights are 0), so a
+        # window running off the end needs no clamping
         d = dict(
             edges=xp.asarray(self.edges_t),                    # (n+1,) deg
-            inv_w=xp.asarray(1.0 / self.width),                # (n,)
+            edges_pad=xp.asarray(np.concatenate([self.edges_t, np.full(n + 2, self.edges_t[-1])])),
+            inv_w_pad=xp.asarray(np.concatenate([1.0 / self.width, np.zeros(n + 2)])),
             T=xp.asarray(self.T),
             tables=[dict(coef=xp.asarray(t.coef), inv_d2=xp.asarray(t.inv_d2_0),
                          I=xp.asarray(t.intensity)) for t in self.tables],
@@ -534,7 +538,7 @@ def evaluate(model: RefineModel, x, *, jacobian: bool = False, per_phase: bool =
     norm = (1.0 - eta) * math.erf(G_SCALE * k) + eta * 2.0 / math.pi * math.atan(2.0 * k)
     c1 = (1.0 - eta) * 0.5 / norm
     c2 = eta / math.pi / norm
-    edges, inv_w = d["edges"], d["inv_w"]
+    edges, edges_pad, inv_w_pad = d["edges"], d["edges_pad"], d["inv_w_pad"]
     zero = X[:, model.i_zero]
     y = xp.zeros((Vc, n), dtype=xp.float64)
     out_phase = xp.zeros((Vc, model.n_phase, n)) if per_phase else None
@@ -569,25 +573,26 @@ def evaluate(model: RefineModel, x, *, jacobian: bool = False, per_phase: bool =
         lo = xp.clip(lo, 0, n - 1)
         nw = max(1, int(xp.max(hi - lo)))
         steps = xp.arange(nw + 1, dtype=xp.int64)
-        e_idx = xp.minimum(lo[:, :, None] + steps, n)             # (V, Rp, nw+1)
+        e_idx = lo[:, :, None] + steps                           # (V, Rp, nw+1) <= 2n + 1
         b_idx = e_idx[:, :, :-1]
-        valid = (lo[:, :, None] + steps[:-1]) < n
         invH = 1.0 / H
-        u = xp.clip((edges[e_idx] - mu[:, :, None]) * invH[:, :, None], -k, k)
+        u = xp.clip((edges_pad[e_idx] - mu[:, :, None]) * invH[:, :, None], -k, k)
         F = c1 * _erf(xp, G_SCALE * u) + c2 * xp.arctan(2.0 * u)
-        iw = xp.where(valid, inv_w[xp.minimum(b_idx, n - 1)], 0.0)
+        iw = inv_w_pad[b_idx]                                    # 0 beyond the last bin
         prof = (F[:, :, 1:] - F[:, :, :-1]) * iw                 # (V, Rp, nw) bin average
         del F
-        flat = (vofs + xp.minimum(b_idx, n - 1)).reshape(-1)
+        # bins beyond a voxel's last one carry weight 0: they may spill into the next
+        # voxel's range (adding 0) and past the end (cut off below)
+        flat = (vofs + b_idx).reshape(-1)
+        nbc = Vc * n + 2 * n + 2
+
+        def scat(wts):
+            return xp.bincount(flat, weights=wts.reshape(-1), minlength=nbc)[:Vc * n].reshape(Vc, n)
+
         I = td["I"]
         A = S[:, None] * I[None, :]                              # (V, Rp)
 
-        def scatter(Z, flat=flat):                               # (m, V, Rp, nw) -> (m, V, n)
-            m = Z.shape[0]
-            idx = (flat[None, :] + (xp.arange(m, dtype=xp.int64) * (Vc * n))[:, None]).reshape(-1)
-            return xp.bincount(idx, weights=Z.reshape(-1), minlength=m * Vc * n).reshape(m, Vc, n)
-
-        contrib = scatter((A[:, :, None] * prof)[None])[0]
+        contrib = scat(A[:, :, None] * prof)
         y += contrib
         if per_phase:
             out_phase[:, ip] = contrib
@@ -622,10 +627,9 @@ def evaluate(model: RefineModel, x, *, jacobian: bool = False, per_phase: bool =
             if model.refined[model.i_zero]:
                 cols.append(Amu)
                 idx.append(model.i_zero)
-            Z = scatter(xp.stack([xp.broadcast_to(c, Amu.shape) for c in cols]))   # (m, V, n)
-            for kk, pj in enumerate(idx):
-                J[:, pj] += Z[kk]
-            del Z, cols, Amu, AH
+            for c, pj in zip(cols, idx):                         # one bincount per column
+                J[:, pj] += scat(xp.broadcast_to(c, Amu.shape))
+            del cols, Amu, AH
         del prof
     if per_phase:
         return out_phase
