@@ -107,6 +107,7 @@ __all__ = [
 
 DEG = 180.0 / math.pi
 _LAM_DOWN = 3.0
+_BLOCKS = 8            # reflection blocks per phase, each with its own window length
 G_SCALE = 2.0 * math.sqrt(math.log(2.0))          # (x / FWHM) * this = x / (sigma sqrt 2)
 
 
@@ -567,70 +568,84 @@ def evaluate(model: RefineModel, x, *, jacobian: bool = False, per_phase: bool =
         ks = DEG * model.scherrer_k * lam_nm
         H = h_inst + ks * beta / cos + DEG * 4.0 * eps * tan     # (V, Rp) FWHM, deg
         mu = 2.0 * DEG * th + zero[:, None]
-        # windows: first edge at or below mu - k H; as many edges as the widest needs
-        lo = xp.searchsorted(edges, (mu - k * H).reshape(-1), side="right").reshape(Vc, Rp) - 1
-        hi = xp.searchsorted(edges, (mu + k * H).reshape(-1), side="left").reshape(Vc, Rp)
-        lo = xp.clip(lo, 0, n - 1)
-        nw = max(1, int(xp.max(hi - lo)))
-        steps = xp.arange(nw + 1, dtype=xp.int64)
-        e_idx = lo[:, :, None] + steps                           # (V, Rp, nw+1) <= 2n + 1
-        b_idx = e_idx[:, :, :-1]
-        invH = 1.0 / H
-        u = xp.clip((edges_pad[e_idx] - mu[:, :, None]) * invH[:, :, None], -k, k)
-        F = c1 * _erf(xp, G_SCALE * u) + c2 * xp.arctan(2.0 * u)
-        iw = inv_w_pad[b_idx]                                    # 0 beyond the last bin
-        prof = (F[:, :, 1:] - F[:, :, :-1]) * iw                 # (V, Rp, nw) bin average
-        del F
-        # bins beyond a voxel's last one carry weight 0: they may spill into the next
-        # voxel's range (adding 0) and past the end (cut off below)
-        flat = (vofs + b_idx).reshape(-1)
-        nbc = Vc * n + 2 * n + 2
-
-        def scat(wts):
-            return xp.bincount(flat, weights=wts.reshape(-1), minlength=nbc)[:Vc * n].reshape(Vc, n)
-
         I = td["I"]
         A = S[:, None] * I[None, :]                              # (V, Rp)
-
-        contrib = scat(A[:, :, None] * prof)
-        y += contrib
-        if per_phase:
-            out_phase[:, ip] = contrib
+        invH = 1.0 / H
         if jacobian:
-            inside = xp.abs(u) < k
-            f = xp.where(inside, c1 * (2.0 * G_SCALE / math.sqrt(math.pi)) * xp.exp(-(G_SCALE * u) ** 2)
-                         + c2 * 2.0 / (1.0 + 4.0 * u * u), 0.0)  # dF/du (0 where u is clamped)
-            fu = f * u
-            dmu = (f[:, :, :-1] - f[:, :, 1:]) * iw * invH[:, :, None]     # d prof / d mu
-            dH = (fu[:, :, :-1] - fu[:, :, 1:]) * iw * invH[:, :, None]    # d prof / d H
-            del f, fu, u, inside
-            Amu = A[:, :, None] * dmu
-            AH = A[:, :, None] * dH
-            del dmu, dH
             # chain rule: d(2th)/dQ (deg A^2); dQ/dlat_j = coef_j (-2 / lat_j^3);
             # the width moves with th too: dH/d(2th) = dH/dth / (2 DEG)
             dtth_dQ = 2.0 * DEG * (lam_A / (4.0 * sq)) / cos
             sec2 = 1.0 / (cos * cos)
             dH_dtth = ((2 * U * tan + Vcag) * sec2 / (2 * h_inst) + ks * beta * tan / cos
                        + DEG * 4.0 * eps * sec2) / (2.0 * DEG)
-            cols = [I[None, :, None] * prof]
-            idx = [sl["scale"]]
-            for j, pj in enumerate(li):
-                lat_j = X[:, pj][:, None]
-                dt = dtth_dQ * (td["coef"][None, :, j] * (-2.0 / lat_j ** 3))   # (V, Rp) deg / A
-                cols.append(Amu * dt[:, :, None] + AH * (dH_dtth * dt)[:, :, None])
-                idx.append(pj)
-            cols.append(AH * (ks / cos)[:, :, None])
-            idx.append(sl["size_inv"])
-            cols.append(AH * (DEG * 4.0 * tan)[:, :, None])
-            idx.append(sl["strain"])
+            dts = [dtth_dQ * (td["coef"][None, :, j] * (-2.0 / X[:, pj][:, None] ** 3))
+                   for j, pj in enumerate(li)]                   # (V, Rp) deg / A
+            idx = [sl["scale"]] + list(li) + [sl["size_inv"], sl["strain"]]
             if model.refined[model.i_zero]:
-                cols.append(Amu)
                 idx.append(model.i_zero)
-            for c, pj in zip(cols, idx):                         # one bincount per column
-                J[:, pj] += scat(xp.broadcast_to(c, Amu.shape))
-            del cols, Amu, AH
-        del prof
+        else:
+            idx = []
+        # Reflections in blocks of similar width (they are sorted by angle and the width
+        # grows with it): each block gets its own window length, so narrow low-angle
+        # reflections are not padded to the widest window of the phase.
+        nblk = max(1, min(_BLOCKS, Rp))
+        bounds = np.linspace(0, Rp, nblk + 1).astype(int)
+        flats, wts = [], [[] for _ in range(1 + len(idx))]
+        for b0, b1 in zip(bounds[:-1], bounds[1:]):
+            if b1 <= b0:
+                continue
+            rs = slice(b0, b1)
+            mu_b, H_b, iH_b = mu[:, rs], H[:, rs], invH[:, rs]
+            # window: first edge at or below mu - k H; as many edges as the widest needs
+            lo = xp.searchsorted(edges, (mu_b - k * H_b).reshape(-1), side="right").reshape(Vc, -1) - 1
+            hi = xp.searchsorted(edges, (mu_b + k * H_b).reshape(-1), side="left").reshape(Vc, -1)
+            lo = xp.clip(lo, 0, n - 1)
+            nw = max(1, int(xp.max(hi - lo)))
+            e_idx = lo[:, :, None] + xp.arange(nw + 1, dtype=xp.int64)   # <= 2n + 1
+            b_idx = e_idx[:, :, :-1]
+            u = xp.clip((edges_pad[e_idx] - mu_b[:, :, None]) * iH_b[:, :, None], -k, k)
+            F = c1 * _erf(xp, G_SCALE * u) + c2 * xp.arctan(2.0 * u)
+            iw = inv_w_pad[b_idx]                                # 0 beyond the last bin
+            prof = (F[:, :, 1:] - F[:, :, :-1]) * iw             # (V, Rb, nw) bin average
+            del F
+            # bins beyond a voxel's last one carry weight 0: they may spill into the next
+            # voxel's range (adding 0) and past the end (cut off below)
+            flats.append((vofs + b_idx).reshape(-1))
+            A_b = A[:, rs, None]
+            wts[0].append((A_b * prof).reshape(-1))
+            if jacobian:
+                inside = xp.abs(u) < k
+                f = xp.where(inside, c1 * (2.0 * G_SCALE / math.sqrt(math.pi)) * xp.exp(-(G_SCALE * u) ** 2)
+                             + c2 * 2.0 / (1.0 + 4.0 * u * u), 0.0)  # dF/du (0 where clamped)
+                fu = f * u
+                Amu = (f[:, :, :-1] - f[:, :, 1:]) * iw * (A_b * iH_b[:, :, None])   # A d prof / d mu
+                AH = (fu[:, :, :-1] - fu[:, :, 1:]) * iw * (A_b * iH_b[:, :, None])  # A d prof / d H
+                del f, fu, u, inside
+                cols = [I[None, rs, None] * prof]
+                for dt in dts:
+                    cols.append(Amu * dt[:, rs, None] + AH * (dH_dtth[:, rs] * dt[:, rs])[:, :, None])
+                cols.append(AH * (ks / cos[:, rs])[:, :, None])
+                cols.append(AH * (DEG * 4.0 * tan[:, rs])[:, :, None])
+                if model.refined[model.i_zero]:
+                    cols.append(Amu)
+                for c, lst in zip(cols, wts[1:]):
+                    lst.append(xp.broadcast_to(c, Amu.shape).reshape(-1))
+                del cols, Amu, AH
+            del prof
+        flat = xp.concatenate(flats) if len(flats) > 1 else flats[0]
+        nbc = Vc * n + 2 * n + 2
+
+        def scat(parts):                                         # one bincount per column
+            w_ = xp.concatenate(parts) if len(parts) > 1 else parts[0]
+            return xp.bincount(flat, weights=w_, minlength=nbc)[:Vc * n].reshape(Vc, n)
+
+        contrib = scat(wts[0])
+        y += contrib
+        if per_phase:
+            out_phase[:, ip] = contrib
+        for parts, pj in zip(wts[1:], idx):
+            J[:, pj] += scat(parts)
+        del flats, wts
     if per_phase:
         return out_phase
     y += X[:, model.i_bg] @ d["T"]
