@@ -45,8 +45,10 @@ first bin is found by ``searchsorted`` on the bin edges, the profile's CDF is ev
 on ``nw + 1`` edges from there (``u`` clamped to ``[-k, k]``, so bins beyond the support
 contribute exactly 0 and the model is continuous in every parameter whichever bins a
 window covers), and the values are scattered back onto the pattern with one
-``bincount`` per block. Cost per voxel: reflections x ``2 k H / bin width`` instead of
-reflections x bins.
+``bincount`` per phase and Jacobian column. The window length (bins) is set per block of
+reflections of similar width (reflections sorted by angle, ``_BLOCKS`` blocks per phase),
+so narrow low-angle reflections are not padded to the widest window. Cost per voxel:
+reflections x ``2 k H / bin width`` instead of reflections x bins.
 
 Fit
 ---
