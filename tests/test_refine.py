@@ -379,6 +379,13 @@ def test_stage_mapping_refine_writes_maps(ph, tmp_path):
     np.testing.assert_allclose(a[:, 1:], true[:, 1:], rtol=1e-6)
     assert np.nanmax(out["rwp"].values) < 1e-5
     assert json.loads(json.dumps(out["refine_params"].attrs["param_names"]))[0] == "Cu.scale"
+    # the figure of a refined product: maps and the strongest voxels' fits (model rebuilt
+    # from the product's spec and refine_params)
+    from tasks.plots import refinement_png_from_product
+
+    store.update_attrs(req.work, {"pipeline_spec": json.loads(req.spec_json)})
+    png = refinement_png_from_product(req.work, tmp_path / "maps.png", n_patterns=2)
+    assert png.stat().st_size > 20_000
 
 
 def test_refine_seeded_weak_voxels(ph):
