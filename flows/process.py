@@ -439,6 +439,12 @@ def stage_mapping(req: Request) -> dict:
         data["scale_esd"] = (("z", "phase", "y", "x"), zp(res.scale_esd), {"long_name": "esd of scale"})
     if getattr(res, "chi2", None) is not None:
         data["chi2"] = (("z", "y", "x"), np.asarray(res.chi2, np.float32), {"long_name": "reduced chi^2"})
+    if m.method == "refine":  # whole-pattern refinement of every voxel (tasks.refine)
+        from tasks.refine import refine_variables
+
+        extra, res = refine_variables(vol, sigma, mask, phases, radial, unit, wl, m)
+        data.update(extra)
+        wf = res.weight_fraction
     new = xr.Dataset(data, coords={"phase": ("phase", np.asarray(names, dtype=str))})
     store.write_variables(req.work, new, level=spec.output.compressor_level)
     dt = time.perf_counter() - t0

@@ -143,15 +143,41 @@ class ProfileSpec(_Strict):
     zero_shift_deg: float = 0.0
 
 
+class RefineSpec(_Strict):
+    """Whole-pattern refinement of every voxel (``mapping.method: refine``; tasks.refine).
+
+    Which non-linear parameters are refined besides the scales and the background, their
+    bounds, the reflection window and the iteration limit."""
+
+    lattice: bool = True
+    size: bool = True
+    strain: bool = True
+    zero_shift: bool = False
+    lattice_bound: float = Field(default=0.01, gt=0, lt=0.5,
+                                 description="cells stay within (1 +- this) of the CIF values")
+    size_min_nm: float = Field(default=20.0, gt=0, description="smallest crystallite size (nm)")
+    strain_max: float = Field(default=2e-3, gt=0, description="largest microstrain")
+    zero_bound_deg: float = Field(default=0.05, gt=0)
+    window_fwhm: float = Field(default=6.0, gt=0, description="reflection support in FWHM")
+    max_iter: int = Field(default=40, ge=1, le=1000)
+    chunk_voxels: int = Field(default=256, ge=1)
+    seed_weak_from_neighbours: bool = Field(
+        default=False, description="refit weak voxels from their neighbours' cells (tasks.refine.refine_seeded)")
+
+
 class MappingSpec(_Strict):
-    """Rietveld-style mapping: per-voxel scale factors against reference phase patterns."""
+    """Rietveld-style mapping: per-voxel scale factors against reference phase patterns
+    (``method: scales``, batched NNLS) or whole-pattern refinement of every voxel
+    (``method: refine``: scales, cells, size, strain; see :class:`RefineSpec`)."""
 
     enabled: bool = True
+    method: Literal["scales", "refine"] = "scales"
     phases: list[PhaseSpec] = Field(default_factory=list)
     profile: ProfileSpec = Field(default_factory=ProfileSpec)
     background_order: int = Field(default=4, ge=0, le=20)
     min_total_intensity: float = Field(
         default=0.02, ge=0, description="voxels below this fraction of the brightest are masked")
+    refine: RefineSpec = Field(default_factory=RefineSpec)
 
     @model_validator(mode="after")
     def _unique_names(self):

@@ -84,3 +84,119 @@ def overview_png(product: str | Path, png: str | Path, z: int = 0) -> Path:
     fig.savefig(png)
     plt.close(fig)
     return png
+
+
+def refinement_png(png: str | Path, radial, patterns, models, phase_patterns, phase_names,
+                   maps: dict | None = None, *, unit: str = "2th_deg", titles=None) -> Path:
+    """Figure of a whole-pattern refinement: maps, and fitted patterns with residuals.
+
+    Parameters
+    ----------
+    png : path
+        Output PNG file.
+    radial : array (n,)
+        Radial axis in ``unit``.
+    patterns, models : array (k, n)
+        Observed and fitted patterns of ``k`` voxels (a few; one row of panels each).
+    phase_patterns : array (k, n_phase, n)
+        Each phase's contribution to the fit (drawn offset below the pattern).
+    phase_names : sequence of str
+    maps : dict name -> array (y, x), optional
+        Maps drawn in a top row (e.g. ``lattice_c LiCoO2``, ``crystallite_size Cu``,
+        ``rwp``); NaN is drawn blank.
+    unit : str
+        Axis label of ``radial``.
+    titles : sequence of str, optional
+        One title per pattern (e.g. its voxel and Rwp).
+
+    Returns
+    -------
+    Path
+        ``png``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.asarray(radial)
+    Y = np.atleast_2d(np.asarray(patterns, dtype=float))
+    M = np.atleast_2d(np.asarray(models, dtype=float))
+    PP = np.asarray(phase_patterns, dtype=float).reshape(Y.shape[0], -1, x.size)
+    maps = maps or {}
+    nm = len(maps)
+    k = Y.shape[0]
+    ncol = max(nm, 1)
+    fig = plt.figure(figsize=(max(12, 3 * ncol), 3.2 * (nm > 0) + 3.6 * k), constrained_layout=True)
+    rows = (1 if nm else 0) + k
+    gs = fig.add_gridspec(rows, ncol)
+    for i, (name, img) in enumerate(maps.items()):
+        ax = fig.add_subplot(gs[0, i])
+        a = np.asarray(img, dtype=float)
+        fin = a[np.isfinite(a)]
+        vmin, vmax = (np.percentile(fin, [2, 98]) if fin.size else (0, 1))
+        im = ax.imshow(np.where(np.isfinite(a), a, np.nan), vmin=vmin, vmax=vmax, cmap="viridis")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    for j in range(k):
+        ax = fig.add_subplot(gs[(1 if nm else 0) + j, :])
+        y, m = Y[j], M[j]
+        span = np.nanmax(y) - np.nanmin(y)
+        ax.plot(x, y, "k.", ms=1.5, label="observed")
+        ax.plot(x, m, "r-", lw=0.7, label="fit")
+        base = np.nanmin(y) - 0.08 * span
+        ax.plot(x, base + (y - m), color="0.4", lw=0.6, label="residual")
+        for p, name in enumerate(phase_names):
+            ax.plot(x, base - 0.15 * span - PP[j, p], lw=0.6, label=name)
+        ax.set_xlabel(f"radial ({unit})")
+        ax.set_ylabel("intensity")
+        if titles is not None:
+            ax.set_title(titles[j], fontsize=9)
+        if j == 0:
+            ax.legend(fontsize=7, ncol=3 + len(phase_names), loc="upper right")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
+
+
+def refinement_png_from_product(product: str | Path, png: str | Path, z: int = 0, n_patterns: int = 3,
+                                phases_dir: str | Path | None = None) -> Path:
+    """:func:`refinement_png` of a product mapped with ``mapping.method: refine``: maps
+    of lattice parameters, crystallite size and Rwp of slice ``z``, and the fitted
+    patterns of the ``n_patterns`` voxels with the largest total intensity (the model is
+    rebuilt from the product's pipeline spec and ``refine_params``)."""
+    from pipelines.spec import parse_spec
+    from tasks.refine import evaluate, model_from_mapping
+    from tasks.rietveld import load_phase
+    from tasks.store import open_product, provenance
+
+    ds = open_product(product)
+    spec = parse_spec(provenance(product)["pipeline_spec"], source=str(product))
+    names = [str(p) for p in ds["phase"].values]
+    phases = [load_phase(p.name, path) for p, path in zip(spec.mapping.phases, spec.phase_paths())]
+    pv = ds["refine_params"]
+    model = model_from_mapping(phases, ds["radial"].values, pv.attrs["radial_unit"],
+                               pv.attrs["wavelength_m"], spec.mapping)
+    P = pv.isel(z=z).values                                   # (y, x, P)
+    vol = ds["volume"].isel(z=z).values
+    ok = np.isfinite(P).all(axis=-1)
+    tot = np.where(ok, np.nansum(vol, axis=-1), -np.inf)
+    pick = np.argsort(tot.ravel())[::-1][:n_patterns]
+    iy, ix = np.unravel_index(pick, tot.shape)
+    Xp = P[iy, ix]
+    models = evaluate(model, Xp)
+    pp = evaluate(model, Xp, per_phase=True)
+    maps = {}
+    for v in ("lattice_a", "lattice_c", "crystallite_size"):
+        if v in ds:
+            for i, n in enumerate(names):
+                a = ds[v].isel(z=z, phase=i).values
+                if np.isfinite(a).any():
+                    maps[f"{v} {n}"] = a
+    maps["rwp"] = ds["rwp"].isel(z=z).values
+    rw = ds["rwp"].isel(z=z).values
+    titles = [f"voxel (y={a}, x={b}), Rwp {rw[a, b]:.4f}" for a, b in zip(iy, ix)]
+    return refinement_png(png, ds["radial"].values, vol[iy, ix], models, pp, names, maps,
+                          unit=pv.attrs["radial_unit"], titles=titles)
