@@ -811,6 +811,7 @@ def integrate_batch(integ: RadialIntegrator, block, monitor, ispec, source: str,
 
 
 _WORKER_INTEGRATORS: dict = {}
+_WORKER_LOCK = threading.Lock()
 
 
 def _batch_source(scan):
@@ -834,11 +835,15 @@ def _worker_integrate(spec_json: str, base_dir, poni, shape, frames, monitor, s:
     from pipelines.spec import parse_spec  # noqa: PLC0415
 
     key = (spec_json, str(base_dir), str(poni), tuple(shape))
-    if key not in _WORKER_INTEGRATORS:
-        _WORKER_INTEGRATORS.clear()
-        spec = parse_spec(__import__("json").loads(spec_json), source="<worker>", base_dir=base_dir)
-        _WORKER_INTEGRATORS[key] = (spec, integrator_from_spec(spec, shape=shape, poni=poni))
-    spec, integ = _WORKER_INTEGRATORS[key]
+    # One build per process, under a lock: the threads of a threaded worker must not build
+    # integrators at the same time (pyFAI's geometry evaluates numexpr expressions, and
+    # numexpr crashed the process (SIGSEGV) when two threads did so at once).
+    with _WORKER_LOCK:
+        if key not in _WORKER_INTEGRATORS:
+            _WORKER_INTEGRATORS.clear()
+            spec = parse_spec(__import__("json").loads(spec_json), source="<worker>", base_dir=base_dir)
+            _WORKER_INTEGRATORS[key] = (spec, integrator_from_spec(spec, shape=shape, poni=poni))
+        spec, integ = _WORKER_INTEGRATORS[key]
     block = _read_block(frames, s, e)
     dummy, delta = integ.dummies(block.dtype)
     if backend == "gpu" and spec.integration.method == "mean":

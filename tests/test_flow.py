@@ -221,7 +221,7 @@ def test_concurrent_requests_for_one_product_make_one(small_scan, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     results = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in results]
+    assert all(p.returncode == 0 for p in procs), [(p.returncode, e[e.find("Traceback"):][-3000:]) for p, (_, e) in zip(procs, results)]
     paths = {line.split(" ", 1)[1] for o, _ in results for line in o.splitlines()
              if line.startswith("PRODUCT ")}
     assert len(paths) == 1 and len(list(out.glob("*.zarr"))) == 1
