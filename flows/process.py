@@ -78,20 +78,30 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
                  poni: str | Path | None = None, out: str | Path = "xrdct-out") -> Request:
     """Validate the inputs, checksum them and compute the product's content address.
 
+    Every path (``scan``, ``poni``, ``pipeline`` when it is a YAML path, ``out``, and the
+    PONI, mask, dark, flat and CIF files the spec names) is confined to the data roots of
+    ``XRDCT_DATA_ROOTS`` when that is set (:mod:`flows.paths`).
+
     Raises
     ------
     SpecError
         Spec invalid, or a file it names (PONI, mask, CIF) missing.
     FileNotFoundError
         The scan does not exist.
+    flows.paths.PathNotAllowedError
+        A path outside the data roots, or with a ``..`` component (only with data roots).
     """
+    from flows.paths import confine, confine_pipeline
     from tasks.ingest import file_checksum
 
-    spec = pipeline if isinstance(pipeline, PipelineSpec) else load_spec(pipeline)
-    scan = Path(scan).expanduser().resolve()
+    spec = pipeline if isinstance(pipeline, PipelineSpec) else load_spec(confine_pipeline(pipeline))
+    scan = confine(scan, "scan")
     if not scan.exists():
         raise FileNotFoundError(f"{scan}: scan not found")
-    poni_p = _poni_path(str(poni) if poni else None, spec)
+    out = confine(out, "out")
+    poni_p = _poni_path(str(confine(poni, "poni")) if poni else None, spec)
+    if poni_p is not None and not poni:
+        poni_p = confine(poni_p, "calibration.poni", extra_roots=[PIPELINES_DIR])
     inputs = {scan.name: file_checksum(scan)} if scan.is_file() else {}
     if scan.suffix.lower() in (".csv", ".tsv", ".txt"):
         from tasks.ingest import open_scan
@@ -105,9 +115,12 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
         if p is not None:
             if not Path(p).is_file():
                 raise SpecError(f"calibration.{role}: file {str(p)!r} not found")
+            if role != "poni":
+                confine(p, f"calibration.{role}", extra_roots=[PIPELINES_DIR])
             calib[role] = file_checksum(p)
     if spec.mapping.enabled:
-        for ph, p in zip(spec.mapping.phases, spec.phase_paths()):
+        for i, (ph, p) in enumerate(zip(spec.mapping.phases, spec.phase_paths())):
+            confine(p, f"mapping.phases[{i}].cif", extra_roots=[PIPELINES_DIR])
             calib[f"phase:{ph.name}"] = file_checksum(p)
     req = Request(scan=str(scan), spec_json=spec.canonical_json(), spec_base_dir=spec.base_dir,
                   poni=str(poni_p) if poni_p else None, out=str(Path(out).resolve()),
@@ -138,18 +151,53 @@ def _integrator_settings(req: Request, spec: PipelineSpec) -> dict:
                 polarization_factor=c.polarization_factor, solid_angle=c.solid_angle)
 
 
+def _load_poni(poni: str):
+    """pyFAI geometry of ``calibration.poni``; SpecError naming the file for one that is not
+    a PONI (pyFAI reads any text as an 'Undefined detector' 1 m away)."""
+    import pyFAI
+
+    try:
+        text = Path(poni).read_text(errors="replace")
+        ai = pyFAI.load(poni)
+    except Exception as err:  # noqa: BLE001 - pyFAI raises many types for a bad file
+        raise SpecError(f"calibration.poni: {poni}: cannot read PONI calibration: "
+                        f"{type(err).__name__}: {err}") from None
+    if not any(ln.split(":", 1)[0].strip().lower() == "distance" for ln in text.splitlines()):
+        raise SpecError(f"calibration.poni: {poni}: not a pyFAI PONI calibration (no "
+                        f"'Distance:' line); expected the file pyFAI-calib2 writes")
+    return ai
+
+
+def _check_phases(req: Request, spec: PipelineSpec) -> None:
+    """Read every phase's CIF now, so a malformed one stops the run before integration."""
+    from tasks.rietveld import PhaseError, load_phase
+
+    for i, (ph, path) in enumerate(zip(spec.mapping.phases, spec.phase_paths())):
+        try:
+            load_phase(ph.name, path)
+        except PhaseError as err:
+            raise PhaseError(f"mapping.phases[{i}].cif (pipeline {spec.name!r}, spec in "
+                             f"{req.spec_base_dir}): {err}") from None
+
+
 def stage_ingest(req: Request) -> dict:
-    """Open the scan lazily and check it against the spec and the PONI's detector."""
-    from tasks.ingest import open_scan
+    """Open the scan lazily and check it against the spec, the PONI's detector and the
+    phases' CIF files: the input problems found here cost no integration."""
+    from tasks.ingest import IngestError, open_scan
 
     spec = req.spec
-    shape = None
+    shape = ai = None
     if req.poni:
-        import pyFAI
-
-        ai = pyFAI.load(req.poni)
+        ai = _load_poni(req.poni)
         shape = tuple(ai.detector.shape) if ai.detector.shape is not None else None
-    scan = open_scan(req.scan, spec.input, poni_shape=shape)
+    scan = open_scan(req.scan, spec.input)
+    if shape is not None and scan.frame_shape is not None and tuple(scan.frame_shape) != shape:
+        raise IngestError(
+            f"{req.scan}: {scan.frames_dataset} (input.frames): frame shape {scan.frame_shape} "
+            f"does not match calibration.poni {req.poni}: its detector {ai.detector.name} has "
+            f"shape {shape}; expected the PONI of the detector that recorded these frames")
+    if spec.mapping.enabled:
+        _check_phases(req, spec)
     info = {"kind": scan.kind, "source": scan.source, "metadata": dict(scan.metadata)}
     if scan.frames is not None:
         g = scan.grid()
@@ -645,6 +693,21 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
     returned as is; a request for a product another run is making waits for it
     (:func:`product_lock`); a request whose earlier attempt died resumes after the last
     stage that attempt finished.
+
+    What a failure leaves behind:
+
+    * bad input (:func:`input_errors`: a ``ValueError`` of the project, raised by
+      :func:`make_request` or by a stage: spec, path, PONI, CIF, frames, grid, mask) leaves
+      nothing: no product, no catalog row, and the work store is removed. The product id is
+      the hash of the inputs, so the same request would fail the same way: there is nothing
+      to resume. Errors found by :func:`make_request` (spec, paths, missing files) come
+      before any work store exists; the ingest stage checks the scan, the PONI's detector
+      and the CIFs before anything is integrated.
+    * anything else (a killed worker, out of memory, an I/O or Prefect failure, a bug) keeps
+      the work store, so that the next request for the product resumes after the last
+      stage that finished (:func:`open_work`, :func:`resumable`).
+
+    Nothing is published by a failed request in either case: publishing is the last step.
     """
     stages = stages or plain_stages()
     started = time.perf_counter()
@@ -659,16 +722,36 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
         if done:
             _log_info(f"product {req.product_id}: resuming after {', '.join(done)}")
         info = {}
-        with _dask_client(dask_address, n_workers):
-            info["ingest"] = stages["ingest"](req)
-            info["integrate"] = stages["integrate"](req)
-            kind = info["integrate"]["kind"]
-            if kind != "map" and spec.reconstruction.enabled:
-                info["sinogram"] = stages["sinogram"](req)
-                info["reconstruct"] = stages["reconstruct"](req)
-            if spec.mapping.enabled and (kind == "map" or spec.reconstruction.enabled):
-                info["mapping"] = stages["mapping"](req)
-            return stages["publish"](req, started, info)
+        try:
+            with _dask_client(dask_address, n_workers):
+                info["ingest"] = stages["ingest"](req)
+                info["integrate"] = stages["integrate"](req)
+                kind = info["integrate"]["kind"]
+                if kind != "map" and spec.reconstruction.enabled:
+                    info["sinogram"] = stages["sinogram"](req)
+                    info["reconstruct"] = stages["reconstruct"](req)
+                if spec.mapping.enabled and (kind == "map" or spec.reconstruction.enabled):
+                    info["mapping"] = stages["mapping"](req)
+                return stages["publish"](req, started, info)
+        except Exception as err:
+            if isinstance(err, input_errors()):
+                # bad input: the same inputs fail the same way: nothing is kept for a resume
+                shutil.rmtree(req.work, ignore_errors=True)
+                req.work.with_suffix(".png").unlink(missing_ok=True)
+            raise
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "this input cannot be processed" (all ``ValueError``s, each
+    naming the file and the field): :func:`run_pipeline` removes the work store of a request
+    that fails with one, and the CLI exits with status 2 and the message."""
+    from flows.paths import PathNotAllowedError
+    from tasks.ingest import IngestError
+    from tasks.integrate import IntegrationError
+    from tasks.rietveld import PhaseError, ProfileError
+
+    return (SpecError, PathNotAllowedError, IngestError, IntegrationError, PhaseError, ProfileError)
+
 
 
 def plain_stages() -> dict:

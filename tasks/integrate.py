@@ -234,15 +234,15 @@ class RadialIntegrator:
                 raise IntegrationError(f"radial_range {radial_range}: expected (min, max), min < max")
         self.radial_range = radial_range
 
-        user_mask = _load_image(mask, "mask", shape)
+        user_mask = _load_image(mask, "calibration.mask", shape)
         m = np.zeros(shape, dtype=bool) if user_mask is None else (user_mask != 0)
         det_mask = self.ai.detector.mask
         if det_mask is not None:
             if det_mask.shape != shape:
                 raise IntegrationError(f"{p}: detector mask shape {det_mask.shape} differs from {shape}")
             m |= det_mask != 0
-        self.dark = _load_image(dark, "dark", shape)
-        self.flat = _load_image(flat, "flat", shape)
+        self.dark = _load_image(dark, "calibration.dark", shape)
+        self.flat = _load_image(flat, "calibration.flat", shape)
         if self.dark is not None:
             self.dark = self.dark.astype(np.float32)
             m |= ~np.isfinite(self.dark)
@@ -258,6 +258,14 @@ class RadialIntegrator:
         if self.solid_angle:
             omega *= self.ai.solidAngleArray(shape, True).astype(np.float32)
         m |= ~np.isfinite(omega) | (omega == 0)
+        if m.all():
+            parts = [f"calibration.mask {mask}: {int(np.count_nonzero(user_mask))}" if user_mask is not None else None,
+                     f"detector mask: {int(np.count_nonzero(det_mask))}" if det_mask is not None else None]
+            parts = ", ".join(x for x in parts if x) or "dark/flat/geometry"
+            raise IntegrationError(
+                f"{mask if isinstance(mask, (str, Path)) else p}: calibration.mask: every one of the "
+                f"{shape[0]} x {shape[1]} detector pixels is masked ({parts} masked pixels; "
+                f"calibration {p}); expected unmasked pixels to integrate")
         self.mask = m
         self.omega = omega.ravel()
         self._dark_flat = None if self.dark is None else self.dark.ravel()
@@ -941,7 +949,7 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
     frame_bytes = int(np.prod(scan.frame_shape)) * np.dtype(scan.frames.dtype).itemsize
     batch = max(1, min(int(ispec.batch_frames), int(max_batch_bytes) // max(frame_bytes, 1)))
     dummy, delta = integ.dummies(scan.frames.dtype)
-    src = f"{scan.source}: {scan.frames_dataset or 'frames'}"
+    src = f"{scan.source}: {scan.frames_dataset or 'frames'} (input.frames)"
     patterns = np.zeros((n, integ.npt), np.float32)
     want_sigma = not (method == "mean" and ispec.error_model != "poisson")
     sigma = np.zeros((n, integ.npt), np.float32) if want_sigma else None
