@@ -56,6 +56,7 @@ def _load_image(value, name: str, shape: tuple[int, int] | None) -> np.ndarray |
         import fabio  # noqa: PLC0415
 
         p = Path(value)
+        name = f"calibration.{name}"  # a file: named by that field of the pipeline spec
         if not p.is_file():
             raise IntegrationError(f"{p}: {name} file does not exist")
         try:
@@ -234,15 +235,15 @@ class RadialIntegrator:
                 raise IntegrationError(f"radial_range {radial_range}: expected (min, max), min < max")
         self.radial_range = radial_range
 
-        user_mask = _load_image(mask, "calibration.mask", shape)
+        user_mask = _load_image(mask, "mask", shape)
         m = np.zeros(shape, dtype=bool) if user_mask is None else (user_mask != 0)
         det_mask = self.ai.detector.mask
         if det_mask is not None:
             if det_mask.shape != shape:
                 raise IntegrationError(f"{p}: detector mask shape {det_mask.shape} differs from {shape}")
             m |= det_mask != 0
-        self.dark = _load_image(dark, "calibration.dark", shape)
-        self.flat = _load_image(flat, "calibration.flat", shape)
+        self.dark = _load_image(dark, "dark", shape)
+        self.flat = _load_image(flat, "flat", shape)
         if self.dark is not None:
             self.dark = self.dark.astype(np.float32)
             m |= ~np.isfinite(self.dark)
@@ -949,7 +950,7 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
     frame_bytes = int(np.prod(scan.frame_shape)) * np.dtype(scan.frames.dtype).itemsize
     batch = max(1, min(int(ispec.batch_frames), int(max_batch_bytes) // max(frame_bytes, 1)))
     dummy, delta = integ.dummies(scan.frames.dtype)
-    src = f"{scan.source}: {scan.frames_dataset or 'frames'} (input.frames)"
+    src = f"{scan.source}: {scan.frames_dataset or 'frames'}"
     patterns = np.zeros((n, integ.npt), np.float32)
     want_sigma = not (method == "mean" and ispec.error_model != "poisson")
     sigma = np.zeros((n, integ.npt), np.float32) if want_sigma else None

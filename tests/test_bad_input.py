@@ -144,7 +144,7 @@ def nan_frames(sim, d):
         data = h[FRAMES][()].astype(np.float32)
         data[100, y, x] = np.nan
         _replace_frames(h, data)
-    return dict(scan=p), IngestError, ["{scan}", "input.frames", "frame 100", "NaN/inf",
+    return dict(scan=p), IngestError, ["{scan}", FRAMES, "frame 100", "NaN/inf",
                                        f"row {y}, col {x}", "expected finite values"]
 
 
@@ -155,7 +155,7 @@ def inf_frames(sim, d):
         data = h[FRAMES][()].astype(np.float64)
         data[3, y, x] = np.inf
         _replace_frames(h, data)
-    return dict(scan=p), IngestError, ["{scan}", "input.frames", "frame 3", "NaN/inf"]
+    return dict(scan=p), IngestError, ["{scan}", FRAMES, "frame 3", "NaN/inf"]
 
 
 def frame_count_not_angles(sim, d):
