@@ -548,6 +548,12 @@ def _prefect():
     return flow, task
 
 
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn`` of the retried stages: retry a crash or an I/O hiccup,
+    not bad input (:func:`input_errors`), which fails the same way every time."""
+    return not isinstance(getattr(state, "data", None), input_errors())
+
+
 def _build_flow():
     flow, task = _prefect()
 
@@ -555,8 +561,9 @@ def _build_flow():
         return task(name=name, cache_key_fn=stage_cache_key(name), persist_result=True,
                     result_serializer="json", **kw)(resumable(name, fn))
 
-    t_ingest = cached("ingest", stage_ingest, retries=1)
-    t_integrate = cached("integrate", stage_integrate, retries=1)
+    t_ingest = cached("ingest", stage_ingest, retries=1, retry_condition_fn=retry_unless_bad_input)
+    t_integrate = cached("integrate", stage_integrate, retries=1,
+                         retry_condition_fn=retry_unless_bad_input)
     t_sinogram = cached("sinogram", stage_sinogram)
     t_reconstruct = cached("reconstruct", stage_reconstruct)
     t_mapping = cached("mapping", stage_mapping)

@@ -321,10 +321,10 @@ class _H5FrameReader:
         except OSError as err:
             bad = self._first_unreadable(idx) if idx.size > 1 else None
             raise IngestError(
-                f"{self.path}: dataset {self.dataset} (input.frames): cannot read frames "
+                f"{self.path}: dataset {self.dataset}: cannot read frames "
                 f"{int(idx[0]) if idx.size else 0}..{int(idx[-1]) if idx.size else 0}"
                 + (f", first unreadable frame {bad}" if bad is not None else "")
-                + f" (corrupt or truncated file?): {err}") from None
+                + f" (input.frames; corrupt or truncated file?): {err}") from None
         return out[0] if scalar else out
 
     def _first_unreadable(self, idx) -> int | None:

@@ -360,3 +360,29 @@ def test_non_monotonic_angle_order_is_a_valid_scan(sim, tmp_path):
     k = (0, 5, 7)
     np.testing.assert_array_equal(shuffled.frames[int(g1.index[k])].compute(),
                                   ref.frames[int(g0.index[k])].compute())
+
+
+def test_flow_under_prefect_fails_once_with_the_message(sim, tmp_path):
+    """The deployed path: the ``process_scan`` flow under a real (test-harness) Prefect API
+    on bad input fails with the same error, the ingest task is not retried (bad input fails
+    the same way every time), and nothing is published."""
+    import httpx
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.process import get_flow
+
+    args, err, must = _build(duplicated_angles, sim, tmp_path)
+    out = tmp_path / "out"
+    with prefect_test_harness(server_startup_timeout=120):
+        from prefect.settings import PREFECT_API_URL
+
+        with pytest.raises(err) as e:
+            get_flow()(scan=str(args["scan"]), poni=str(args["poni"]), pipeline="default",
+                       out=str(out))
+        r = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json={"limit": 50}, timeout=30)
+        r.raise_for_status()
+        runs = {t["name"].rsplit("-", 1)[0]: t for t in r.json()}
+    assert all(m in str(e.value) for m in must), str(e.value)
+    assert set(runs) == {"ingest"}, sorted(runs)
+    assert runs["ingest"]["state"]["type"] == "FAILED" and runs["ingest"]["run_count"] == 1
+    assert_nothing_published(out)

@@ -214,6 +214,15 @@ def test_cached_stage_results_are_json(monkeypatch):
         assert made[name]["result_serializer"] == "json", (name, made[name])
         assert made[name]["persist_result"] is True and made[name]["cache_key_fn"] is not None
     assert "result_serializer" not in made["publish"] and "persist_result" not in made["publish"]
+    # the retried stages retry a crash, not bad input (it would fail the same way again)
+    from prefect.states import Failed
+
+    from tasks.ingest import IngestError
+
+    for name in ("ingest", "integrate"):
+        again = made[name]["retry_condition_fn"]
+        assert again(None, None, Failed(data=IngestError("x.nxs: frame 3: NaN"))) is False
+        assert again(None, None, Failed(data=OSError("NFS hiccup"))) is True
 
 
 # ----------------------------------------------------------------------------- read-only raw data
