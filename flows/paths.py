@@ -92,3 +92,21 @@ def confine_pipeline(pipeline):
     if "/" not in s and os.sep not in s and not Path(s).exists() and shipped.is_file():
         return shipped
     return confine(s, "pipeline", extra_roots=[PIPELINES_DIR])
+
+
+def confine_table_files(table: Path) -> None:
+    """Check, before any is opened, that every image a scan table lists (column ``file``,
+    relative to the table's folder or absolute) lies inside the data roots."""
+    if data_roots() is None:
+        return
+    from tasks.ingest import _read_table  # noqa: PLC0415
+
+    header, rows = _read_table(Path(table))
+    if "file" not in header:
+        return  # open_scan says what is wrong with the table
+    col = header.index("file")
+    for line, row in enumerate(rows, start=2):
+        if len(row) > col:
+            f = Path(row[col])
+            confine(f if f.is_absolute() else Path(table).parent / f,
+                    f"scan table {table}: line {line}: column 'file'")

@@ -92,7 +92,7 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
         A path outside the data roots, or with a ``..`` component (only with data roots).
     """
     from flows.paths import confine, confine_pipeline
-    from tasks.ingest import file_checksum
+    from tasks.ingest import TABLE_SUFFIXES, file_checksum
 
     spec = pipeline if isinstance(pipeline, PipelineSpec) else load_spec(confine_pipeline(pipeline))
     scan = confine(scan, "scan")
@@ -103,9 +103,11 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
     if poni_p is not None and not poni:
         poni_p = confine(poni_p, "calibration.poni", extra_roots=[PIPELINES_DIR])
     inputs = {scan.name: file_checksum(scan)} if scan.is_file() else {}
-    if scan.suffix.lower() in (".csv", ".tsv", ".txt"):
+    if scan.suffix.lower() in TABLE_SUFFIXES:
+        from flows.paths import confine_table_files
         from tasks.ingest import open_scan
 
+        confine_table_files(scan)
         for f in open_scan(scan, spec.input).files:
             inputs[os.path.relpath(f, scan.parent)] = file_checksum(f)
     calib = {}

@@ -259,3 +259,16 @@ def test_read_only_scan_processes_and_is_left_unchanged(tmp_path, monkeypatch):
         assert stat.S_IMODE(scan.stat().st_mode) == 0o444
     finally:
         scan.chmod(0o644)
+
+
+def test_scan_table_images_are_confined_before_any_is_read(roots):
+    raw, prod, outside = roots
+    _, poni = _inputs(raw)
+    (raw / "f0.edf").write_bytes(b"x")
+    table = raw / "scan.csv"
+    table.write_text(f"file,angle,translation\nf0.edf,0,0\n{outside / 'secret.nxs'},0,1\n"
+                     "../outside/secret.nxs,1,0\n")
+    with pytest.raises(PathNotAllowedError) as e:
+        make_request(table, "default", poni, prod)
+    msg = str(e.value)
+    assert msg.startswith(f"scan table {table}: line 3: column 'file'") and "secret.nxs" in msg
