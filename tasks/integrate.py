@@ -272,7 +272,22 @@ class RadialIntegrator:
         self._dark_flat = None if self.dark is None else self.dark.ravel()
         self._csr_cache: dict[str, _Csr] = {}
         self._lock = threading.RLock()
-        self.radial = self._csr(split).radial
+        csr = self._csr(split)
+        if csr.A.nnz == 0:
+            raise IntegrationError(
+                f"{p}: integration.radial_range {self.radial_range} ({unit}): no unmasked "
+                f"detector pixel falls in it ({self._covered()}); expected a range the "
+                f"detector covers")
+        self.radial = csr.radial
+
+    def _covered(self) -> str:
+        """The radial range the unmasked pixels cover, for messages."""
+        try:
+            r = np.asarray(self.ai.array_from_unit(self.shape, "center", self._unit, scale=True))
+            r = r[~self.mask]
+            return f"the unmasked pixels cover {r.min():.4g} to {r.max():.4g} {self.unit}"
+        except Exception:  # noqa: BLE001 - only a hint
+            return "coverage unknown"
 
     # ---------------------------------------------------------------- matrices
     def _csr(self, split: str) -> _Csr:

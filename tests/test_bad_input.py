@@ -278,11 +278,19 @@ def mask_wrong_shape(sim, d):
             ["{d}/small.edf", "calibration.mask", "(100, 100)", "expected the detector shape (213, 206)"])
 
 
+def radial_range_off_the_detector(sim, d):
+    spec = _spec(d, "integration:\n  radial_range: [500, 600]\n")
+    return (dict(scan=sim.nexus_path, pipeline=spec), IntegrationError,
+            ["{poni}", "integration.radial_range", "(500.0, 600.0)", "no unmasked detector pixel",
+             "cover 0.09"])
+
+
 CASES = [truncated_hdf5, corrupt_frame_chunk, missing_frames_dataset, missing_angle_dataset,
          frames_wrong_dtype_bool, angles_wrong_dtype_string, nan_frames, inf_frames,
          frame_count_not_angles, incomplete_grid, duplicated_angles, poni_other_detector,
          poni_not_a_poni, poni_missing, cif_missing, cif_malformed, spec_unknown_keys,
-         spec_impossible_values, empty_scan, every_pixel_masked, mask_wrong_shape]
+         spec_impossible_values, empty_scan, every_pixel_masked, mask_wrong_shape,
+         radial_range_off_the_detector]
 
 
 def _build(case, sim, tmp_path):
