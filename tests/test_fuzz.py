@@ -9,8 +9,9 @@
   translation, z and monitor value per frame; its grid places every frame exactly once) or
   raise :class:`IngestError` naming the file.
 
-Each test is bounded by ``max_examples`` (a few seconds each here); ``deadline=None``
-because file-system latency is not what is tested.
+Each test is bounded by ``max_examples`` (a few seconds each here; ``XRDCT_FUZZ_SCALE``
+multiplies them for a soak run); ``deadline=None`` because file-system latency is not what is
+tested.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import re
 import string
 
@@ -28,11 +30,19 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pipelines.spec import PIPELINES_DIR, PipelineSpec, SpecError, load_spec, parse_spec
+from pipelines.spec import PIPELINES_DIR, InputSpec, PipelineSpec, SpecError, load_spec, parse_spec
 from tasks.ingest import IngestError, check_frames, open_scan
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                       HealthCheck.function_scoped_fixture])
+#: XRDCT_FUZZ_SCALE=20 python -m pytest tests/test_fuzz.py: a longer soak (20x the examples)
+_SCALE = float(os.environ.get("XRDCT_FUZZ_SCALE", "1"))
+
+
+def _n(examples: int) -> int:
+    return max(1, int(examples * _SCALE))
+
+
 SHIPPED = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(PIPELINES_DIR.glob("*.yaml"))}
 
 # ----------------------------------------------------------------------------- spec loader
@@ -86,7 +96,7 @@ def mutated_specs(draw):
 
 
 # "  field.path: problem": names, list indexes and quoted odd keys, dot-separated
-_KEY = r"([A-Za-z_]\w*|\d+|'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\")"
+_KEY = r"([^\W\d]\w*|\d+|'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\")"
 _FIELD_LINE = re.compile(rf"^  (<top level>|{_KEY}(\.{_KEY})*): ", re.M)
 
 
@@ -108,13 +118,13 @@ def _check_spec_outcome(data, source="fuzz.yaml"):
     return spec
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=_n(300))
 @given(mutated_specs())
 def test_fuzz_mutated_shipped_specs_load_or_name_a_field(data):
     _check_spec_outcome(data)
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=_n(200))
 @given(st.one_of(_values, st.dictionaries(st.sampled_from(
     ["schema_version", "name", "input", "calibration", "integration", "sinogram",
      "reconstruction", "mapping", "output", "extra"]), _values, max_size=5)))
@@ -122,7 +132,7 @@ def test_fuzz_arbitrary_values_load_or_name_a_field(data):
     _check_spec_outcome(data)
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=_n(150))
 @given(text=st.text(alphabet=string.printable + "\t\x00{}[]&*!|>%@`", max_size=200))
 def test_fuzz_yaml_text_loads_or_raises_spec_error(text, tmp_path_factory):
     p = tmp_path_factory.mktemp("specfuzz", numbered=True) / "spec.yaml"
@@ -334,13 +344,25 @@ def _check_scan(scan, path):
         assert np.all(np.isfinite(scan.sino_angle)) and np.all(np.isfinite(scan.sino_translation))
 
 
-@settings(FUZZ, max_examples=250)
-@given(desc=h5_scans(), data=st.data())
-def test_fuzz_ingest_of_generated_hdf5(desc, data, tmp_path_factory):
+_input_specs = st.one_of(st.just(None), st.builds(
+    lambda kind, frames, angle, translation, sino: InputSpec(
+        kind=kind, frames=frames, angle=angle, translation=translation, sinogram=sino),
+    st.sampled_from(["auto", "auto", "nexus", "sinogram"]),
+    st.sampled_from([None, "/entry/instrument/detector/data", "/entry/nope", "/entry",
+                     "entry/sample/rotation_angle", "/frames"]),
+    st.sampled_from([None, "/entry/sample/rotation_angle", "/entry/sample/translation", "/nope",
+                     "/entry/sample"]),
+    st.sampled_from([None, "/entry/sample/translation", "/entry/monitor/data"]),
+    st.sampled_from([None, None, "/entry/instrument/detector/data", "/entry/sample/z"])))
+
+
+@settings(FUZZ, max_examples=_n(250))
+@given(desc=h5_scans(), spec=_input_specs, data=st.data())
+def test_fuzz_ingest_of_generated_hdf5(desc, spec, data, tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / f"fuzz_{next(_counter)}.nxs"
     _write(path, desc, data.draw)
     try:
-        scan = open_scan(path)
+        scan = open_scan(path, spec)
     except IngestError as err:
         assert str(path) in str(err), str(err)
         event("IngestError at open")

@@ -272,3 +272,16 @@ def test_scan_table_images_are_confined_before_any_is_read(roots):
         make_request(table, "default", poni, prod)
     msg = str(e.value)
     assert msg.startswith(f"scan table {table}: line 3: column 'file'") and "secret.nxs" in msg
+
+
+def test_compose_workers_confine_paths_to_the_data_mount():
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "infra" / "compose.yaml").read_text())
+    env = compose["x-worker-env"]
+    assert env["XRDCT_DATA_ROOTS"] == "${XRDCT_DATA_ROOTS:-/data}"
+    for name in ("worker-cpu", "worker-gpu"):
+        svc = compose["services"][name]
+        assert svc["environment"]["XRDCT_DATA_ROOTS"] == env["XRDCT_DATA_ROOTS"]
+        assert any(v.endswith(":/data") for v in svc["volumes"])  # the root is what is mounted
+    assert "XRDCT_DATA_ROOTS=/data" in (ROOT / "infra" / ".env.example").read_text()
