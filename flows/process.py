@@ -184,7 +184,13 @@ def _check_phases(req: Request, spec: PipelineSpec) -> None:
 
 def stage_ingest(req: Request) -> dict:
     """Open the scan lazily and check it against the spec, the PONI's detector and the
-    phases' CIF files: the input problems found here cost no integration."""
+    phases' CIF files: the input problems found here cost no integration.
+
+    Frame values (NaN/inf, negative counts outside the mask) are not checked here: that
+    needs every frame read, and integration already reads each batch once and checks it
+    before integrating it (:func:`tasks.ingest.check_frames`); a second pass would double
+    the I/O of every good scan. A bad frame fails the run at its batch, and (as for every
+    input error) nothing is kept or published."""
     from tasks.ingest import IngestError, open_scan
 
     spec = req.spec
