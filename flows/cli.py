@@ -327,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        _console().print(f"[red]error:[/red] {err}")
+        from rich.markup import escape
+
+        # escaped: messages name fields like mapping.phases[1].cif; not wrapped: paths
+        # in the message stay whole when the output is piped
+        _console().print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         return 2
 
 

@@ -11,6 +11,10 @@
     products appear beside the old ones, which are never touched, and an identical second
     request makes nothing.
 
+Every path parameter (``scan``, ``poni``, ``pipeline``, ``out``, ``root``) is confined to the
+data roots of ``XRDCT_DATA_ROOTS`` when the workers' environment sets it (:mod:`flows.paths`):
+``make_request`` confines the per-scan paths, the flows here ``root`` and ``out``.
+
 Importing this module imports Prefect (the science in ``tasks/`` does not need it).
 """
 
@@ -23,6 +27,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.db import Catalog
+from flows.paths import PathNotAllowedError, confine
 from flows.process import Pipeline, get_flow, make_request, resolved_annotations
 
 process_scan = get_flow()
@@ -181,6 +186,7 @@ def reprocess(query: ReprocessQuery = ReprocessQuery(), pipeline: Pipeline = "de
         ``new``: products made now; ``existing``: products this request already had;
         ``submitted``: flow-run ids (with ``deployment``).
     """
+    out = str(confine(out, "out"))
     scans = select_scans(Catalog.for_products(out), query)
     return _process_all(scans, pipeline, out, poni, deployment)
 
@@ -214,14 +220,22 @@ def discover_and_process(root: str, pipeline: Pipeline = "default", poni: str | 
     """
     from catalog.scans import add_scans
 
-    root_p = Path(root)
+    root_p = confine(root, "root")
+    out = str(confine(out, "out"))
     if not root_p.is_dir():
         raise FileNotFoundError(f"{root}: scan directory not found")
     files = sorted(root_p.rglob(pattern) if recursive else root_p.glob(pattern))
     files = [f for f in files if f.is_file()]
+    outside = []  # a pattern with '..', or a symlink under root that leads out of the roots
+    for f in list(files):
+        try:
+            confine(f, "root")
+        except PathNotAllowedError as err:
+            files.remove(f)
+            outside.append((str(f), str(err)))
     report = add_scans(Catalog.for_products(out), files) if files else None
     skipped = {p for p, _ in report.skipped} if report else set()
     result = _process_all([(str(f), None) for f in files if str(f) not in skipped], pipeline, out,
                           poni, deployment)
-    result["skipped"] = report.skipped if report else []
+    result["skipped"] = (report.skipped if report else []) + outside
     return result

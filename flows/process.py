@@ -79,24 +79,36 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
                  poni: str | Path | None = None, out: str | Path = "xrdct-out") -> Request:
     """Validate the inputs, checksum them and compute the product's content address.
 
+    Every path (``scan``, ``poni``, ``pipeline`` when it is a YAML path, ``out``, and the
+    PONI, mask, dark, flat and CIF files the spec names) is confined to the data roots of
+    ``XRDCT_DATA_ROOTS`` when that is set (:mod:`flows.paths`).
+
     Raises
     ------
     SpecError
         Spec invalid, or a file it names (PONI, mask, CIF) missing.
     FileNotFoundError
         The scan does not exist.
+    flows.paths.PathNotAllowedError
+        A path outside the data roots, or with a ``..`` component (only with data roots).
     """
-    from tasks.ingest import file_checksum
+    from flows.paths import confine, confine_pipeline
+    from tasks.ingest import TABLE_SUFFIXES, file_checksum
 
-    spec = pipeline if isinstance(pipeline, PipelineSpec) else load_spec(pipeline)
-    scan = Path(scan).expanduser().resolve()
+    spec = pipeline if isinstance(pipeline, PipelineSpec) else load_spec(confine_pipeline(pipeline))
+    scan = confine(scan, "scan")
     if not scan.exists():
         raise FileNotFoundError(f"{scan}: scan not found")
-    poni_p = _poni_path(str(poni) if poni else None, spec)
+    out = confine(out, "out")
+    poni_p = _poni_path(str(confine(poni, "poni")) if poni else None, spec)
+    if poni_p is not None and not poni:
+        poni_p = confine(poni_p, "calibration.poni", extra_roots=[PIPELINES_DIR])
     inputs = {scan.name: file_checksum(scan)} if scan.is_file() else {}
-    if scan.suffix.lower() in (".csv", ".tsv", ".txt"):
+    if scan.suffix.lower() in TABLE_SUFFIXES:
+        from flows.paths import confine_table_files
         from tasks.ingest import open_scan
 
+        confine_table_files(scan)
         for f in open_scan(scan, spec.input).files:
             inputs[os.path.relpath(f, scan.parent)] = file_checksum(f)
     calib = {}
@@ -106,9 +118,12 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
         if p is not None:
             if not Path(p).is_file():
                 raise SpecError(f"calibration.{role}: file {str(p)!r} not found")
+            if role != "poni":
+                confine(p, f"calibration.{role}", extra_roots=[PIPELINES_DIR])
             calib[role] = file_checksum(p)
     if spec.mapping.enabled:
-        for ph, p in zip(spec.mapping.phases, spec.phase_paths()):
+        for i, (ph, p) in enumerate(zip(spec.mapping.phases, spec.phase_paths())):
+            confine(p, f"mapping.phases[{i}].cif", extra_roots=[PIPELINES_DIR])
             calib[f"phase:{ph.name}"] = file_checksum(p)
     req = Request(scan=str(scan), spec_json=spec.canonical_json(), spec_base_dir=spec.base_dir,
                   poni=str(poni_p) if poni_p else None, out=str(Path(out).resolve()),
@@ -139,18 +154,59 @@ def _integrator_settings(req: Request, spec: PipelineSpec) -> dict:
                 polarization_factor=c.polarization_factor, solid_angle=c.solid_angle)
 
 
+def _load_poni(poni: str):
+    """pyFAI geometry of ``calibration.poni``; SpecError naming the file for one that is not
+    a PONI (pyFAI reads any text as an 'Undefined detector' 1 m away)."""
+    import pyFAI
+
+    try:
+        text = Path(poni).read_text(errors="replace")
+        ai = pyFAI.load(poni)
+    except Exception as err:  # noqa: BLE001 - pyFAI raises many types for a bad file
+        raise SpecError(f"calibration.poni: {poni}: cannot read PONI calibration: "
+                        f"{type(err).__name__}: {err}") from None
+    if not any(ln.split(":", 1)[0].strip().lower() == "distance" for ln in text.splitlines()):
+        raise SpecError(f"calibration.poni: {poni}: not a pyFAI PONI calibration (no "
+                        f"'Distance:' line); expected the file pyFAI-calib2 writes")
+    return ai
+
+
+def _check_phases(req: Request, spec: PipelineSpec) -> None:
+    """Read every phase's CIF now, so a malformed one stops the run before integration."""
+    from tasks.rietveld import PhaseError, load_phase
+
+    for i, (ph, path) in enumerate(zip(spec.mapping.phases, spec.phase_paths())):
+        try:
+            load_phase(ph.name, path)
+        except PhaseError as err:
+            raise PhaseError(f"mapping.phases[{i}].cif (pipeline {spec.name!r}, spec in "
+                             f"{req.spec_base_dir}): {err}") from None
+
+
 def stage_ingest(req: Request) -> dict:
-    """Open the scan lazily and check it against the spec and the PONI's detector."""
-    from tasks.ingest import open_scan
+    """Open the scan lazily and check it against the spec, the PONI's detector and the
+    phases' CIF files: the input problems found here cost no integration.
+
+    Frame values (NaN/inf, negative counts outside the mask) are not checked here: that
+    needs every frame read, and integration already reads each batch once and checks it
+    before integrating it (:func:`tasks.ingest.check_frames`); a second pass would double
+    the I/O of every good scan. A bad frame fails the run at its batch, and (as for every
+    input error) nothing is kept or published."""
+    from tasks.ingest import IngestError, open_scan
 
     spec = req.spec
-    shape = None
+    shape = ai = None
     if req.poni:
-        import pyFAI
-
-        ai = pyFAI.load(req.poni)
+        ai = _load_poni(req.poni)
         shape = tuple(ai.detector.shape) if ai.detector.shape is not None else None
-    scan = open_scan(req.scan, spec.input, poni_shape=shape)
+    scan = open_scan(req.scan, spec.input)
+    if shape is not None and scan.frame_shape is not None and tuple(scan.frame_shape) != shape:
+        raise IngestError(
+            f"{req.scan}: {scan.frames_dataset} (input.frames): frame shape {scan.frame_shape} "
+            f"does not match calibration.poni {req.poni}: its detector {ai.detector.name} has "
+            f"shape {shape}; expected the PONI of the detector that recorded these frames")
+    if spec.mapping.enabled:
+        _check_phases(req, spec)
     info = {"kind": scan.kind, "source": scan.source, "metadata": dict(scan.metadata)}
     if scan.frames is not None:
         g = scan.grid()
@@ -624,6 +680,12 @@ def _prefect():
     return flow, task
 
 
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn`` of the retried stages: retry a crash or an I/O hiccup,
+    not bad input (:func:`input_errors`), which fails the same way every time."""
+    return not isinstance(getattr(state, "data", None), input_errors())
+
+
 def _build_flow():
     flow, task = _prefect()
 
@@ -631,8 +693,9 @@ def _build_flow():
         return task(name=name, cache_key_fn=stage_cache_key(name), persist_result=True,
                     result_serializer="json", **kw)(resumable(name, fn))
 
-    t_ingest = cached("ingest", stage_ingest, retries=1)
-    t_integrate = cached("integrate", stage_integrate, retries=1)
+    t_ingest = cached("ingest", stage_ingest, retries=1, retry_condition_fn=retry_unless_bad_input)
+    t_integrate = cached("integrate", stage_integrate, retries=1,
+                         retry_condition_fn=retry_unless_bad_input)
     t_sinogram = cached("sinogram", stage_sinogram)
     t_reconstruct = cached("reconstruct", stage_reconstruct, retries=1)
     t_mapping = cached("mapping", stage_mapping)
@@ -778,6 +841,21 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
     spec's ``backend`` (it is part of the spec, hence of the product id); ``gpu`` without a
     device raises :class:`tasks._xp.BackendError` before anything runs. ``cluster`` picks
     the Dask cluster (see :class:`_dask_client`).
+
+    What a failure leaves behind:
+
+    * bad input (:func:`input_errors`: a ``ValueError`` of the project, raised by
+      :func:`make_request` or by a stage: spec, path, PONI, CIF, frames, grid, mask) leaves
+      nothing: no product, no catalog row, and the work store is removed. The product id is
+      the hash of the inputs, so the same request would fail the same way: there is nothing
+      to resume. Errors found by :func:`make_request` (spec, paths, missing files) come
+      before any work store exists; the ingest stage checks the scan, the PONI's detector
+      and the CIFs before anything is integrated.
+    * anything else (a killed worker, out of memory, an I/O or Prefect failure, a bug) keeps
+      the work store, so that the next request for the product resumes after the last
+      stage that finished (:func:`open_work`, :func:`resumable`).
+
+    Nothing is published by a failed request in either case: publishing is the last step.
     """
     if backend is not None:
         from tasks._xp import BACKENDS
@@ -821,16 +899,38 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
                     f"{req.product_id} ({err.strerror}); the work store was removed and nothing "
                     f"was published; free space under {Path(req.out)} and run again") from err
 
-        with _dask_client(dask_address, n_workers, cluster):
-            info["ingest"] = run("ingest")
-            info["integrate"] = run("integrate")
-            kind = info["integrate"]["kind"]
-            if kind != "map" and spec.reconstruction.enabled:
-                info["sinogram"] = run("sinogram")
-                info["reconstruct"] = run("reconstruct")
-            if spec.mapping.enabled and (kind == "map" or spec.reconstruction.enabled):
-                info["mapping"] = run("mapping")
-            return run("publish", started, info)
+        try:
+            with _dask_client(dask_address, n_workers, cluster):
+                info["ingest"] = run("ingest")
+                info["integrate"] = run("integrate")
+                kind = info["integrate"]["kind"]
+                if kind != "map" and spec.reconstruction.enabled:
+                    info["sinogram"] = run("sinogram")
+                    info["reconstruct"] = run("reconstruct")
+                if spec.mapping.enabled and (kind == "map" or spec.reconstruction.enabled):
+                    info["mapping"] = run("mapping")
+                return run("publish", started, info)
+        except Exception as err:
+            if isinstance(err, input_errors()):
+                # bad input: the same inputs fail the same way: nothing is kept for a resume
+                shutil.rmtree(req.work, ignore_errors=True)
+                for d in req.work.parent.glob(f"{req.work.stem}.*.slices"):
+                    shutil.rmtree(d, ignore_errors=True)
+                for suffix in (".png", ".run.json"):
+                    req.work.with_suffix(suffix).unlink(missing_ok=True)
+            raise
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "this input cannot be processed" (all ``ValueError``s, each
+    naming the file and the field): :func:`run_pipeline` removes the work store of a request
+    that fails with one, and the CLI exits with status 2 and the message."""
+    from flows.paths import PathNotAllowedError
+    from tasks.ingest import IngestError
+    from tasks.integrate import IntegrationError
+    from tasks.rietveld import PhaseError, ProfileError
+
+    return (SpecError, PathNotAllowedError, IngestError, IntegrationError, PhaseError, ProfileError)
 
 
 def plain_stages() -> dict:

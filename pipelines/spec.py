@@ -226,7 +226,7 @@ class PipelineSpec(_Strict):
             return p
         for root in ([Path(self.base_dir)] if self.base_dir else []) + [Path.cwd(), PIPELINES_DIR, PHASES_DIR]:
             cand = root / p
-            if cand.exists():
+            if _is(cand, "exists"):
                 return cand.resolve()
         return (Path(self.base_dir) / p) if self.base_dir else p
 
@@ -235,7 +235,7 @@ class PipelineSpec(_Strict):
         out = []
         for i, ph in enumerate(self.mapping.phases):
             p = self.resolve(ph.cif)
-            if p is None or not p.is_file():
+            if p is None or not _is(p, "is_file"):
                 raise SpecError(f"{self.source or '<spec>'}: mapping.phases[{i}].cif: "
                                 f"CIF file {ph.cif!r} for phase {ph.name!r} not found")
             out.append(p)
@@ -246,10 +246,21 @@ class PipelineSpec(_Strict):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
+def _is(p: Path, test: str) -> bool:
+    """``p.exists()`` / ``p.is_file()`` that answer False for names the OS refuses (a NUL
+    byte, longer than NAME_MAX) instead of raising ValueError/OSError."""
+    try:
+        return getattr(p, test)()
+    except (OSError, ValueError):
+        return False
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid pipeline spec ({err.error_count()} problem(s))"]
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "<top level>"
+        # keys that are not names (spaces, newlines, empty) are quoted, so the field stays legible
+        loc = ".".join(str(x) if isinstance(x, int) or str(x).isidentifier() else repr(x)
+                       for x in e["loc"]) or "<top level>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (not part of schema version {SCHEMA_VERSION})")
         else:

@@ -198,9 +198,12 @@ class Scan:
         if self.kind == "map":
             a_name, t_name = "y", "x"
             a, t = self.map_y, self.map_x
+            fields = "scan table columns 'y', 'x'"
         else:
             a_name, t_name = "angle", "translation"
             a, t = self.angle, self.translation
+            fields = ("input.angle, input.translation" + (", input.z" if self.z is not None else "")
+                      if self.frames_dataset != "file" else "scan table columns 'angle', 'translation'")
         n = self.n_frames
         if n == 0:
             raise IngestError(f"{self.source}: empty scan (no frames): no grid")
@@ -219,16 +222,17 @@ class Scan:
             iz, ia, it = np.unravel_index(dup, index.shape)
             raise IngestError(
                 f"{self.source}: duplicated grid point z={zv[iz]:g}, {a_name}={av[ia]:g}, "
-                f"{t_name}={tv[it]:g}: frames {frames.tolist()} (expected one frame per point; "
-                f"{int((counts > 1).sum())} point(s) duplicated)")
+                f"{t_name}={tv[it]:g} ({fields}): frames {frames.tolist()} (expected one frame "
+                f"per point; {int((counts > 1).sum())} point(s) duplicated)")
         index.ravel()[flat] = np.arange(n)
         if (counts == 0).any():
             miss = np.flatnonzero(counts == 0)
             iz, ia, it = np.unravel_index(int(miss[0]), index.shape)
             raise IngestError(
-                f"{self.source}: incomplete grid: {len(miss)} of {index.size} points of the "
-                f"{len(zv)} x {len(av)} x {len(tv)} (z, {a_name}, {t_name}) grid have no frame, "
-                f"first z={zv[iz]:g}, {a_name}={av[ia]:g}, {t_name}={tv[it]:g}")
+                f"{self.source}: incomplete grid ({fields}): {len(miss)} of {index.size} points "
+                f"of the {len(zv)} x {len(av)} x {len(tv)} (z, {a_name}, {t_name}) grid have no "
+                f"frame, first z={zv[iz]:g}, {a_name}={av[ia]:g}, {t_name}={tv[it]:g} (expected "
+                f"one frame per point: {n} frames for {index.size} points)")
         return Grid(zv, av, tv, index)
 
 
@@ -331,11 +335,22 @@ class _H5FrameReader:
                     out = np.concatenate(parts) if parts else \
                         np.empty((0,) + np.empty(self.shape[1:])[ky, kx].shape, self.dtype)
         except (OSError, ValueError) as err:
+            bad = self._first_unreadable(idx) if idx.size > 1 else None
             raise IngestError(
                 f"{self.path}: dataset {self.dataset}: cannot read frames "
-                f"{int(idx[0]) if idx.size else 0}..{int(idx[-1]) if idx.size else 0} "
-                f"(corrupt or truncated file?): {err}") from None
+                f"{int(idx[0]) if idx.size else 0}..{int(idx[-1]) if idx.size else 0}"
+                + (f", first unreadable frame {bad}" if bad is not None else "")
+                + f" (input.frames; corrupt or truncated file?): {err}") from None
         return out[0] if scalar else out
+
+    def _first_unreadable(self, idx) -> int | None:
+        """After a failed read: the first frame of ``idx`` that cannot be read on its own."""
+        for i in idx:
+            try:
+                self[int(i)]
+            except IngestError:
+                return int(i)
+        return None
 
     def __reduce__(self):
         return (_H5FrameReader, (self.path, self.dataset, self.stored_shape, self.dtype.str,
@@ -527,7 +542,8 @@ def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        raise IngestError(f"{path}: cannot open as HDF5 (corrupt or truncated file?): {err}") from None
+        raise IngestError(f"{path}: cannot open as HDF5 (corrupt or truncated file?): {err}; "
+                          f"expected a complete HDF5/NeXus file (scan)") from None
 
 
 def _get_dataset(h5: h5py.File, path: Path, name: str, field_name: str) -> h5py.Dataset:
@@ -610,6 +626,22 @@ def _find_frames(h5: h5py.File) -> tuple[h5py.Dataset, h5py.Group | None, h5py.G
                     d = g.get("data")
                     if isinstance(d, h5py.Dataset) and 3 <= d.ndim <= 5 and _looks_like_frames(d, True):
                         return d, entry, None
+    return None
+
+
+def _missing_frames(h5: h5py.File) -> str | None:
+    """Why a NeXus file that was meant to hold frames holds none: an NXdata group whose
+    ``signal`` names a dataset that does not exist, or an NXdetector without ``data``."""
+    for entry in _entries(h5):
+        for g in _nxdata_groups(entry):
+            sig = _attr_str(g.attrs.get("signal"))
+            if sig and sig not in g:
+                return f"NXdata group {g.name} names signal {sig!r} but dataset {g.name}/{sig} does not exist"
+        inst = entry.get("instrument")
+        if isinstance(inst, h5py.Group):
+            for k, g in inst.items():
+                if isinstance(g, h5py.Group) and _nx_class(g) == "NXdetector" and "data" not in g:
+                    return f"detector group {g.name} has no dataset 'data'"
     return None
 
 
@@ -829,6 +861,11 @@ def open_scan(path, spec=None, poni_shape: tuple[int, int] | None = None) -> Sca
             else:
                 with _open_h5(p) as h5:
                     kind = "nexus" if _find_frames(h5) is not None else "sinogram"
+                    hint = _missing_frames(h5) if kind == "sinogram" else None
+                if hint:
+                    raise IngestError(f"{p}: {hint} (input.frames): expected the frame stack "
+                                      f"(N, H, W) there; set input.frames to the frames' dataset, "
+                                      f"or input.sinogram for an integrated cube")
         else:
             raise IngestError(f"{p}: cannot tell the scan kind from suffix {p.suffix!r}: expected "
                               f"an HDF5/NeXus file ({', '.join(HDF5_SUFFIXES)}) or a scan table "
@@ -899,7 +936,8 @@ def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
                     f"(N, H, W) or (n_angle, n_translation, H, W); set input.frames")
             dset, entry, nxdata = found
         name = dset.name
-        if not np.issubdtype(dset.dtype, np.number) or dset.dtype == np.bool_:
+        if (not np.issubdtype(dset.dtype, np.number) or dset.dtype == np.bool_
+                or np.issubdtype(dset.dtype, np.complexfloating)):
             raise IngestError(f"{p}: dataset {name} (input.frames) has dtype {dset.dtype}; "
                               f"expected integer or float detector counts")
         if not 3 <= dset.ndim <= 5:

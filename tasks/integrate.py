@@ -56,6 +56,7 @@ def _load_image(value, name: str, shape: tuple[int, int] | None) -> np.ndarray |
         import fabio  # noqa: PLC0415
 
         p = Path(value)
+        name = f"calibration.{name}"  # a file: named by that field of the pipeline spec
         if not p.is_file():
             raise IntegrationError(f"{p}: {name} file does not exist")
         try:
@@ -258,12 +259,35 @@ class RadialIntegrator:
         if self.solid_angle:
             omega *= self.ai.solidAngleArray(shape, True).astype(np.float32)
         m |= ~np.isfinite(omega) | (omega == 0)
+        if m.all():
+            parts = [f"calibration.mask {mask}: {int(np.count_nonzero(user_mask))}" if user_mask is not None else None,
+                     f"detector mask: {int(np.count_nonzero(det_mask))}" if det_mask is not None else None]
+            parts = ", ".join(x for x in parts if x) or "dark/flat/geometry"
+            raise IntegrationError(
+                f"{mask if isinstance(mask, (str, Path)) else p}: calibration.mask: every one of the "
+                f"{shape[0]} x {shape[1]} detector pixels is masked ({parts} masked pixels; "
+                f"calibration {p}); expected unmasked pixels to integrate")
         self.mask = m
         self.omega = omega.ravel()
         self._dark_flat = None if self.dark is None else self.dark.ravel()
         self._csr_cache: dict[str, _Csr] = {}
         self._lock = threading.RLock()
-        self.radial = self._csr(split).radial
+        csr = self._csr(split)
+        if csr.A.nnz == 0:
+            raise IntegrationError(
+                f"{p}: integration.radial_range {self.radial_range} ({unit}): no unmasked "
+                f"detector pixel falls in it ({self._covered()}); expected a range the "
+                f"detector covers")
+        self.radial = csr.radial
+
+    def _covered(self) -> str:
+        """The radial range the unmasked pixels cover, for messages."""
+        try:
+            r = np.asarray(self.ai.array_from_unit(self.shape, "center", self._unit, scale=True))
+            r = r[~self.mask]
+            return f"the unmasked pixels cover {r.min():.4g} to {r.max():.4g} {self.unit}"
+        except Exception:  # noqa: BLE001 - only a hint
+            return "coverage unknown"
 
     # ---------------------------------------------------------------- matrices
     def _csr(self, split: str) -> _Csr:

@@ -1,0 +1,396 @@
+"""Bad input, case by case: the real pipeline (``run_pipeline``, and the CLI for some) on a
+broken copy of a small simulated scan stops with the project's error, whose message names
+the file and the field and says what was expected, and publishes nothing: no product store,
+no overview PNG, no work store left in ``<out>/.work``, no catalog row.
+
+The scan (12 translations x 12 angles, 213 x 206 px Eiger 1M binned 5x5) is simulated once
+per module; each case copies it and breaks one thing with h5py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from flows.process import run_pipeline
+from pipelines.spec import SpecError
+from tasks.ingest import IngestError, open_scan
+from tasks.integrate import IntegrationError
+from tasks.rietveld import PhaseError
+from tasks.simulate import preset, simulate_scan
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES = "/entry/instrument/detector/data"   # hard-linked as /entry/data/data (NXdata signal)
+ANGLES = ("/entry/sample/rotation_angle", "/entry/data/rotation_angle")  # one dataset, two links
+TRANS = ("/entry/sample/translation", "/entry/data/translation")
+N = 12
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    cfg = preset("small").model_copy(update={"n_translations": N, "n_angles": N})
+    return simulate_scan(tmp_path_factory.mktemp("bad_input_sim") / "scan", cfg)
+
+
+def _copy(sim, d: Path) -> Path:
+    p = d / "scan.nxs"
+    shutil.copy(sim.nexus_path, p)
+    return p
+
+
+def _replace(h, links, data, **kw):
+    """Replace the dataset behind every link in ``links`` by one new dataset ``data``."""
+    attrs = dict(h[links[0]].attrs)
+    for ln in links:
+        if ln in h:
+            del h[ln]
+    h.create_dataset(links[0], data=data, **kw)
+    for k, v in attrs.items():
+        h[links[0]].attrs[k] = v
+    for ln in links[1:]:
+        h[ln] = h[links[0]]
+
+
+def _replace_frames(h, data):
+    chunks = (1,) + data.shape[1:] if data.shape[0] else None
+    kw = dict(chunks=chunks, **hdf5plugin.Bitshuffle()) if chunks and data.dtype.kind in "uif" else {}
+    _replace(h, (FRAMES, "/entry/data/data"), data, **kw)
+
+
+def _good_pixel(sim):
+    """A detector pixel that no mask excludes (the gaps of the Eiger are masked)."""
+    import fabio
+
+    m = fabio.open(str(sim.mask_path)).data
+    y, x = np.argwhere(m == 0)[len(np.argwhere(m == 0)) // 2]
+    return int(y), int(x)
+
+
+def _spec(d: Path, text: str) -> Path:
+    p = d / "spec.yaml"
+    p.write_text(text)
+    return p
+
+
+# ------------------------------------------------------------------------------ cases
+# Each builds the broken input in directory d and returns what to run and what to expect:
+# scan, poni, pipeline; error type; substrings the message must hold ("{scan}", "{poni}",
+# "{spec}", "{d}" are filled in).
+
+
+def truncated_hdf5(sim, d):
+    p = _copy(sim, d)
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size * 6 // 10)
+    return dict(scan=p), IngestError, ["{scan}", "truncated", "expected a complete HDF5"]
+
+
+def corrupt_frame_chunk(sim, d):
+    """A frame's compressed chunk overwritten: found when that frame is read (integration)."""
+    p = _copy(sim, d)
+    with h5py.File(p, "r") as h:
+        info = h[FRAMES].id.get_chunk_info(37)
+    with open(p, "r+b") as f:
+        f.seek(info.byte_offset)
+        f.write(b"\xff" * 32)
+    return dict(scan=p), IngestError, ["{scan}", "/data", "input.frames", "cannot read frames",
+                                       "first unreadable frame 37"]
+
+
+def missing_frames_dataset(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        del h[FRAMES], h["/entry/data/data"]
+    return dict(scan=p), IngestError, ["{scan}", "input.frames", "/entry/data/data", "does not exist"]
+
+
+def missing_angle_dataset(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        for ln in ANGLES:
+            del h[ln]
+    return dict(scan=p), IngestError, ["{scan}", "input.angle", "no angle dataset"]
+
+
+def frames_wrong_dtype_bool(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        data = h[FRAMES][()] > 3
+        _replace_frames(h, data)
+    return dict(scan=p), IngestError, ["{scan}", "input.frames", "dtype bool",
+                                       "expected integer or float"]
+
+
+def angles_wrong_dtype_string(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        a = h[ANGLES[0]][()]
+        _replace(h, ANGLES, np.array([f"{v:g} deg" for v in a], dtype=h5py.string_dtype()))
+    return dict(scan=p), IngestError, ["{scan}", "input.angle", "rotation_angle", "expected numbers"]
+
+
+def nan_frames(sim, d):
+    p = _copy(sim, d)
+    y, x = _good_pixel(sim)
+    with h5py.File(p, "r+") as h:
+        data = h[FRAMES][()].astype(np.float32)
+        data[100, y, x] = np.nan
+        _replace_frames(h, data)
+    return dict(scan=p), IngestError, ["{scan}", FRAMES, "frame 100", "NaN/inf",
+                                       f"row {y}, col {x}", "expected finite values"]
+
+
+def inf_frames(sim, d):
+    p = _copy(sim, d)
+    y, x = _good_pixel(sim)
+    with h5py.File(p, "r+") as h:
+        data = h[FRAMES][()].astype(np.float64)
+        data[3, y, x] = np.inf
+        _replace_frames(h, data)
+    return dict(scan=p), IngestError, ["{scan}", FRAMES, "frame 3", "NaN/inf"]
+
+
+def frame_count_not_angles(sim, d):
+    """143 frames, 144 angles and translations."""
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        _replace_frames(h, h[FRAMES][:-1])
+    return dict(scan=p), IngestError, ["{scan}", "input.angle", "rotation_angle", "(144,)",
+                                       "143 values"]
+
+
+def incomplete_grid(sim, d):
+    """143 frames with 143 angles and translations: the 12 x 12 table misses one point."""
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        _replace_frames(h, h[FRAMES][:-1])
+        for links in (ANGLES, TRANS, ("/entry/sample/z", "/entry/data/z"),
+                      ("/entry/monitor/data",)):
+            _replace(h, links, h[links[0]][:-1])
+    return dict(scan=p), IngestError, ["{scan}", "input.angle, input.translation",
+                                       "incomplete grid", "1 of 144", "143 frames for 144 points"]
+
+
+def duplicated_angles(sim, d):
+    """The second angle row repeats the first (0 deg twice, 15 deg never)."""
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        a = h[ANGLES[0]][()]
+        a[N:2 * N] = a[:N]
+        _replace(h, ANGLES, a)
+    return dict(scan=p), IngestError, ["{scan}", "input.angle, input.translation",
+                                       "duplicated grid point", "angle=0", "frames [0, 12]",
+                                       "expected one frame per point"]
+
+
+def poni_other_detector(sim, d):
+    poni = d / "pilatus.poni"
+    poni.write_text(sim.poni_path.read_text().replace("Detector: Eiger1M", "Detector: Pilatus1M")
+                    .replace('Detector_config: {"pixel1": 0.00037499999999999995, '
+                             '"pixel2": 0.00037499999999999995, "orientation": 3}',
+                             'Detector_config: {"orientation": 3}'))
+    return (dict(scan=sim.nexus_path, poni=poni), IngestError,
+            ["{scan}", "input.frames", "calibration.poni", "{poni}", "Pilatus", "(1043, 981)",
+             "(213, 206)"])
+
+
+def poni_not_a_poni(sim, d):
+    poni = d / "garbage.poni"
+    poni.write_text("this is not a calibration\n")
+    return dict(scan=sim.nexus_path, poni=poni), SpecError, ["calibration.poni", "{poni}",
+                                                              "Distance"]
+
+
+def poni_missing(sim, d):
+    return (dict(scan=sim.nexus_path, poni=d / "nowhere.poni"), SpecError,
+            ["calibration.poni", "{d}/nowhere.poni", "not found"])
+
+
+_PHASES = """
+mapping:
+  enabled: true
+  phases:
+    - {{name: NiO, cif: phases/NiO.cif}}
+    - {{name: X, cif: {cif}}}
+"""
+
+
+def cif_missing(sim, d):
+    spec = _spec(d, _PHASES.format(cif="X_missing.cif"))
+    return (dict(scan=sim.nexus_path, pipeline=spec), SpecError,
+            ["{spec}", "mapping.phases[1].cif", "X_missing.cif", "not found"])
+
+
+def cif_malformed(sim, d):
+    (d / "X.cif").write_text("data_X\n_cell_length_a 4.2\n_cell_length_b oops\nloop_\n_atom_site_label\n")
+    spec = _spec(d, _PHASES.format(cif="X.cif"))
+    return (dict(scan=sim.nexus_path, pipeline=spec), PhaseError,
+            ["mapping.phases[1].cif", "{d}/X.cif", "phase 'X'", "malformed CIF"])
+
+
+def spec_unknown_keys(sim, d):
+    spec = _spec(d, "integration:\n  npt: 500\n  colour: red\nreconstruction:\n  algorithm: sirt\n")
+    return (dict(scan=sim.nexus_path, pipeline=spec), SpecError,
+            ["{spec}", "integration.colour", "reconstruction.algorithm", "unknown key"])
+
+
+def spec_impossible_values(sim, d):
+    spec = _spec(d, "integration:\n  npt: 3\n  radial_range: [40, 10]\nsinogram:\n  air_columns: -2\n")
+    return (dict(scan=sim.nexus_path, pipeline=spec), SpecError,
+            ["{spec}", "integration.npt", "greater than or equal to 8", "integration.radial_range",
+             "min < max", "sinogram.air_columns"])
+
+
+def empty_scan(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        _replace_frames(h, np.zeros((0, 213, 206), np.uint32))
+        for links in (ANGLES, TRANS, ("/entry/sample/z", "/entry/data/z"), ("/entry/monitor/data",)):
+            _replace(h, links, np.zeros(0))
+    return dict(scan=p), IngestError, ["{scan}", "input.frames", "(0, 213, 206)", "empty scan"]
+
+
+def every_pixel_masked(sim, d):
+    import fabio.edfimage
+
+    mask = d / "all.edf"
+    fabio.edfimage.EdfImage(data=np.ones((213, 206), np.int8)).write(str(mask))
+    spec = _spec(d, f"calibration:\n  mask: {mask}\n")
+    return (dict(scan=sim.nexus_path, pipeline=spec), IntegrationError,
+            ["{d}/all.edf", "calibration.mask", "every one of the 213 x 206 detector pixels is masked"])
+
+
+def mask_wrong_shape(sim, d):
+    import fabio.edfimage
+
+    mask = d / "small.edf"
+    fabio.edfimage.EdfImage(data=np.zeros((100, 100), np.int8)).write(str(mask))
+    spec = _spec(d, f"calibration:\n  mask: {mask}\n")
+    return (dict(scan=sim.nexus_path, pipeline=spec), IntegrationError,
+            ["{d}/small.edf", "calibration.mask", "(100, 100)", "expected the detector shape (213, 206)"])
+
+
+def radial_range_off_the_detector(sim, d):
+    spec = _spec(d, "integration:\n  radial_range: [500, 600]\n")
+    return (dict(scan=sim.nexus_path, pipeline=spec), IntegrationError,
+            ["{poni}", "integration.radial_range", "(500.0, 600.0)", "no unmasked detector pixel",
+             "cover 0.09"])
+
+
+CASES = [truncated_hdf5, corrupt_frame_chunk, missing_frames_dataset, missing_angle_dataset,
+         frames_wrong_dtype_bool, angles_wrong_dtype_string, nan_frames, inf_frames,
+         frame_count_not_angles, incomplete_grid, duplicated_angles, poni_other_detector,
+         poni_not_a_poni, poni_missing, cif_missing, cif_malformed, spec_unknown_keys,
+         spec_impossible_values, empty_scan, every_pixel_masked, mask_wrong_shape,
+         radial_range_off_the_detector]
+
+
+def _build(case, sim, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    args, err, must = case(sim, d)
+    args = {"poni": sim.poni_path, "pipeline": "default", **args}
+    fill = {"scan": str(args["scan"]), "poni": str(args["poni"]), "spec": str(args["pipeline"]),
+            "d": str(d)}
+    return args, err, [m.format(**fill) for m in must]
+
+
+def assert_nothing_published(out: Path) -> None:
+    assert not list(out.glob("*.zarr")), list(out.iterdir())
+    assert not list(out.glob("*.png"))
+    work = out / ".work"
+    assert not work.exists() or not any(work.iterdir()), list(work.iterdir())
+    if (out / "catalog.sqlite").exists():
+        from catalog.db import Catalog
+
+        cat = Catalog.for_products(out)
+        assert cat.products() == []
+        cat.dispose()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_fails_clearly_and_publishes_nothing(case, sim, tmp_path):
+    args, err, must = _build(case, sim, tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(err) as e:
+        run_pipeline(args["scan"], poni=args["poni"], pipeline=args["pipeline"], out=out)
+    msg = str(e.value)
+    missing = [m for m in must if m not in msg]
+    assert not missing, f"message lacks {missing}:\n{msg}"
+    assert_nothing_published(out)
+
+
+@pytest.mark.parametrize("case", [duplicated_angles, cif_malformed, every_pixel_masked],
+                         ids=lambda c: c.__name__)
+def test_cli_exits_2_with_the_message(case, sim, tmp_path):
+    args, _, must = _build(case, sim, tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "process", str(args["scan"]),
+                        "--poni", str(args["poni"]), "--pipeline", str(args["pipeline"]),
+                        "--out", str(out), "--no-prefect"], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "error:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-3000:]
+    missing = [m for m in must if m not in r.stdout]
+    assert not missing, f"output lacks {missing}:\n{r.stdout}"
+    assert_nothing_published(out)
+
+
+def test_non_monotonic_angle_order_is_a_valid_scan(sim, tmp_path):
+    """Angles acquired out of order (interlaced or snake scans) are not an error: frames are
+    placed on the grid by their positions. The grid equals the ordered scan's, and each grid
+    point holds the frame measured there."""
+    p = _copy(sim, tmp_path)
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(N * N)
+    with h5py.File(p, "r+") as h:
+        frames = h[FRAMES][()]
+        a, t = h[ANGLES[0]][()], h[TRANS[0]][()]
+        _replace_frames(h, frames[perm])
+        _replace(h, ANGLES, a[perm])
+        _replace(h, TRANS, t[perm])
+        for links in (("/entry/sample/z", "/entry/data/z"), ("/entry/monitor/data",)):
+            _replace(h, links, h[links[0]][()][perm])
+    assert np.any(np.diff(a[perm]) < 0)  # really non-monotonic
+    ref, shuffled = open_scan(sim.nexus_path), open_scan(p)
+    g0, g1 = ref.grid(), shuffled.grid()
+    np.testing.assert_array_equal(g0.angle, g1.angle)
+    np.testing.assert_array_equal(g0.translation, g1.translation)
+    k = (0, 5, 7)
+    np.testing.assert_array_equal(shuffled.frames[int(g1.index[k])].compute(),
+                                  ref.frames[int(g0.index[k])].compute())
+
+
+def test_flow_under_prefect_fails_once_with_the_message(sim, tmp_path):
+    """The deployed path: the ``process_scan`` flow under a real (test-harness) Prefect API
+    on bad input fails with the same error, the ingest task is not retried (bad input fails
+    the same way every time), and nothing is published."""
+    import httpx
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.process import get_flow
+
+    args, err, must = _build(duplicated_angles, sim, tmp_path)
+    out = tmp_path / "out"
+    with prefect_test_harness(server_startup_timeout=120):
+        from prefect.settings import PREFECT_API_URL
+
+        with pytest.raises(err) as e:
+            get_flow()(scan=str(args["scan"]), poni=str(args["poni"]), pipeline="default",
+                       out=str(out))
+        r = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json={"limit": 50}, timeout=30)
+        r.raise_for_status()
+        runs = {t["name"].rsplit("-", 1)[0]: t for t in r.json()}
+    assert all(m in str(e.value) for m in must), str(e.value)
+    assert set(runs) == {"ingest"}, sorted(runs)
+    assert runs["ingest"]["state"]["type"] == "FAILED" and runs["ingest"]["run_count"] == 1
+    assert_nothing_published(out)
