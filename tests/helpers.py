@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "real"
 PYXRDCT = REAL / "pyxrdct_sinograms"
 
 
@@ -45,3 +48,19 @@ def pyxrdct_sinograms():
             assert d.shape == (708, 180), f"{f}: data/sinogram_00000 has shape {d.shape}"
             out.append(np.ascontiguousarray(d[()].T, dtype=np.float32))
     return out
+
+
+def tree_digest(path: Path) -> str:
+    """SHA-256 over every file below ``path`` (relative name and bytes): equal digests mean
+    byte-identical trees, e.g. two published products."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a child Python process that must import this checkout's packages
+    (the repository root first on ``PYTHONPATH``), plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            **extra}

@@ -9,7 +9,6 @@ per module; each case copies it and breaks one thing with h5py.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -21,13 +20,13 @@ import numpy as np
 import pytest
 
 from flows.process import run_pipeline
+from helpers import ROOT, subprocess_env
 from pipelines.spec import SpecError
 from tasks.ingest import IngestError, open_scan
 from tasks.integrate import IntegrationError
 from tasks.rietveld import PhaseError
 from tasks.simulate import preset, simulate_scan
 
-ROOT = Path(__file__).resolve().parents[1]
 FRAMES = "/entry/instrument/detector/data"   # hard-linked as /entry/data/data (NXdata signal)
 ANGLES = ("/entry/sample/rotation_angle", "/entry/data/rotation_angle")  # one dataset, two links
 TRANS = ("/entry/sample/translation", "/entry/data/translation")
@@ -333,11 +332,10 @@ def test_bad_input_fails_clearly_and_publishes_nothing(case, sim, tmp_path):
 def test_cli_exits_2_with_the_message(case, sim, tmp_path):
     args, _, must = _build(case, sim, tmp_path)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "flows.cli", "process", str(args["scan"]),
                         "--poni", str(args["poni"]), "--pipeline", str(args["pipeline"]),
                         "--out", str(out), "--no-prefect"], capture_output=True, text=True,
-                       cwd=ROOT, env=env, timeout=300)
+                       cwd=ROOT, env=subprocess_env(), timeout=300)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert "error:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-3000:]
     missing = [m for m in must if m not in r.stdout]

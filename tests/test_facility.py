@@ -3,13 +3,12 @@ from a catalog query, and scheduled discovery of new scans."""
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import yaml
 
 from catalog.db import Catalog
 from flows.process import run_pipeline
+from helpers import tree_digest
 from tasks import store
 from tasks.simulate import preset, simulate_scan
 
@@ -22,14 +21,6 @@ def _spec(tmp_path, name, npt):
                                  "integration": {"unit": "q_nm^-1", "npt": npt},
                                  "sinogram": {"air_columns": 1}}))
     return str(p)
-
-
-def _tree_digest(path):
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def test_reprocess_twenty_archived_scans(tmp_path, harness):
     for k in range(20):  # the archive: 20 scans processed with the beamtime's spec
         sim = simulate_scan(tmp_path / f"scan{k:02d}", preset("small").model_copy(update={**TINY, "seed": k}))
         old.append(run_pipeline(sim.nexus_path, poni=sim.poni_path, pipeline=old_spec, out=out))
-    before = {p: _tree_digest(store.published_path(out, store.provenance(p)["product_id"])) for p in old}
+    before = {p: tree_digest(store.published_path(out, store.provenance(p)["product_id"])) for p in old}
 
     r1 = reprocess(query=ReprocessQuery(pipeline_name="beamtime"), pipeline=new_spec, out=str(out))
     assert len(r1["new"]) == 20 and r1["existing"] == []
@@ -59,7 +50,7 @@ def test_reprocess_twenty_archived_scans(tmp_path, harness):
         ds = store.open_product(p)
         assert ds.sizes["radial"] == 240 and store.provenance(p)["pipeline_name"] == "improved"
     for p, digest in before.items():  # the old products are untouched, byte for byte
-        assert _tree_digest(store.published_path(out, store.provenance(p)["product_id"])) == digest
+        assert tree_digest(store.published_path(out, store.provenance(p)["product_id"])) == digest
     cat = Catalog.for_products(out)
     assert len(cat.products()) == 40 and len(cat.scans()) == 20
 

@@ -6,7 +6,6 @@ done before the fault is kept and not recomputed."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import signal
 import subprocess
@@ -19,22 +18,11 @@ import pytest
 
 from catalog.db import Catalog
 from flows import process
+from helpers import ROOT, subprocess_env, tree_digest
 from tasks import store
 from tasks.simulate import preset, simulate_scan
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"n_translations": 12, "n_angles": 12, "noise": False, "hot_spots": 0}
-
-
-def _env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-def _tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +59,7 @@ def test_sigkill_then_rerun_resumes_and_equals_an_undisturbed_run(scan, referenc
     the same bytes as the undisturbed run."""
     out = tmp_path / "out"
     req = process.make_request(scan.nexus_path, "demo", scan.poni_path, out)
-    p = subprocess.Popen(_cli(scan, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(_cli(scan, out), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while kill_after not in _done_stages(req.work):
@@ -85,11 +73,11 @@ def test_sigkill_then_rerun_resumes_and_equals_an_undisturbed_run(scan, referenc
     finished = _done_stages(req.work)
     assert kill_after in finished
 
-    r = subprocess.run(_cli(scan, out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cli(scan, out), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run = process.run_record(req.final)
     assert run["resumed_stages"] == finished  # nothing finished before the kill was redone
-    assert _tree_digest(req.final) == _tree_digest(reference)
+    assert tree_digest(req.final) == tree_digest(reference)
     assert not any((out / ".work").iterdir())
     assert [x.id for x in Catalog.for_products(out).products()] == [req.product_id]
 
@@ -162,7 +150,7 @@ def test_twenty_simultaneous_requests(tmp_path):
 
     def launch(jobs, out):
         procs = [subprocess.Popen([sys.executable, str(script), str(s.nexus_path), str(s.poni_path), str(out)],
-                                  cwd=ROOT, env={**_env(), "OMP_NUM_THREADS": "1"},
+                                  cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for s in jobs]
         res = [p.communicate(timeout=1200) for p in procs]

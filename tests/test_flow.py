@@ -3,7 +3,6 @@ simulator's ground truth; the Prefect flow under ``prefect_test_harness``; the C
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from scipy import ndimage
 
 from catalog.db import Catalog
 from flows.process import get_flow, make_request, run_pipeline
+from helpers import ROOT, subprocess_env, tree_digest
 from tasks import store
 from tasks.simulate import preset, simulate_scan
 
@@ -214,10 +214,8 @@ def test_concurrent_requests_for_one_product_make_one(small_scan, tmp_path):
     script = tmp_path / "race.py"
     script.write_text(_RACE)
     out = tmp_path / "out"
-    root = str(Path(__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, str(script), str(small_scan.nexus_path),
-                               str(small_scan.poni_path), str(out)], cwd=root, env=env,
+                               str(small_scan.poni_path), str(out)], cwd=ROOT, env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     results = [p.communicate(timeout=600) for p in procs]
@@ -262,16 +260,8 @@ def test_a_crashed_request_resumes_after_its_finished_stages(small_scan, tmp_pat
     fresh = run_pipeline(small_scan.nexus_path, poni=small_scan.poni_path, pipeline="demo",
                          out=tmp_path / "fresh")
     assert process.run_record(fresh)["resumed_stages"] == []
-    assert _tree_digest(Path(path)) == _tree_digest(Path(fresh))
+    assert tree_digest(Path(path)) == tree_digest(Path(fresh))
 
-
-def _tree_digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
 
 
 def test_prefect_cache_keys_come_from_the_product_hash(small_scan, tmp_path):
