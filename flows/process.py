@@ -63,6 +63,16 @@ class Request:
     def lock(self) -> Path:
         return Path(self.out) / ".locks" / f"{self.product_id}.lock"
 
+    def discard_work(self) -> None:
+        """Remove everything this request built and did not publish: the work store, the
+        stages' kept slices (:class:`SliceCheckpoints`) and the PNG and run record drawn
+        beside the work store before publishing."""
+        shutil.rmtree(self.work, ignore_errors=True)
+        for d in self.work.parent.glob(f"{self.work.stem}.*.slices"):
+            shutil.rmtree(d, ignore_errors=True)
+        for suffix in (".png", ".run.json"):
+            self.work.with_suffix(suffix).unlink(missing_ok=True)
+
     @property
     def final(self) -> Path:
         return store.published_path(self.out, self.product_id)
@@ -567,9 +577,7 @@ def stage_publish(req: Request, started: float, stage_info: dict) -> str:
     except store.ProductExistsError:
         # published meanwhile by a run that did not hold the product lock: same inputs,
         # same spec, same code, so the same product; drop this attempt and return that one
-        shutil.rmtree(req.work, ignore_errors=True)
-        for f in side.values():
-            f.unlink(missing_ok=True)
+        req.discard_work()
         return str(req.final)
     for suffix, f in side.items():
         if f.exists():
@@ -890,10 +898,7 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
             except OSError as err:
                 if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                # a half-written array cannot be resumed from: drop the work store
-                shutil.rmtree(req.work, ignore_errors=True)
-                for d in req.work.parent.glob(f"{req.work.stem}.*.slices"):
-                    shutil.rmtree(d, ignore_errors=True)
+                req.discard_work()  # a half-written array cannot be resumed from
                 raise ProcessingError(
                     f"disk full while stage {name} wrote the work store {req.work} of product "
                     f"{req.product_id} ({err.strerror}); the work store was removed and nothing "
@@ -913,11 +918,7 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
         except Exception as err:
             if isinstance(err, input_errors()):
                 # bad input: the same inputs fail the same way: nothing is kept for a resume
-                shutil.rmtree(req.work, ignore_errors=True)
-                for d in req.work.parent.glob(f"{req.work.stem}.*.slices"):
-                    shutil.rmtree(d, ignore_errors=True)
-                for suffix in (".png", ".run.json"):
-                    req.work.with_suffix(suffix).unlink(missing_ok=True)
+                req.discard_work()
             raise
 
 
