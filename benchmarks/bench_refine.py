@@ -68,8 +68,10 @@ def make_volume(m, V, seed=0, chunk=2048):
     return X, Y, S
 
 
-def peer(m, Y, S, x0, jac: bool):
-    """scipy least_squares voxel by voxel; returns (seconds, params)."""
+def _per_voxel_fit(m, Y, S, x0, model, jacobian=None):
+    """scipy ``least_squares`` (trf, bounds) voxel by voxel on the refined parameters, from
+    ``x0``. ``model(x) -> (bins,)`` for a full parameter vector; ``jacobian(x) -> (bins,
+    n_params)``, or None for scipy's 2-point finite differences. Returns (seconds, params)."""
     from scipy.optimize import least_squares
 
     free = np.asarray(m.refined) & ~(np.asarray(m.names) == "zero")
@@ -84,21 +86,25 @@ def peer(m, Y, S, x0, jac: bool):
         def full(p, base=base):
             x = base.copy()
             x[free] = p
-            return x[None]
+            return x
 
         def fun(p, y=y, w=w):
-            return (evaluate(m, full(p))[0] - y) * w
+            return (model(full(p)) - y) * w
 
         def jacf(p, w=w):
-            return evaluate(m, full(p), jacobian=True)[1][0][free].T * w[:, None]
+            return jacobian(full(p))[:, free] * w[:, None]
 
-        p0 = np.clip(base[free], lo, hi)
-        sol = least_squares(fun, p0, jac=jacf if jac else "2-point", bounds=(lo, hi), method="trf",
-                            x_scale="jac")
-        x = base.copy()
-        x[free] = sol.x
-        out.append(x)
+        sol = least_squares(fun, np.clip(base[free], lo, hi), jac=jacf if jacobian else "2-point",
+                            bounds=(lo, hi), method="trf", x_scale="jac")
+        out.append(full(sol.x))
     return time.perf_counter() - t0, np.asarray(out)
+
+
+def peer(m, Y, S, x0, jac: bool):
+    """scipy least_squares voxel by voxel on our windowed model, with its analytic Jacobian
+    (``jac``) or finite differences; returns (seconds, params)."""
+    return _per_voxel_fit(m, Y, S, x0, lambda x: evaluate(m, x[None])[0],
+                          (lambda x: evaluate(m, x[None], jacobian=True)[1][0].T) if jac else None)
 
 
 def peer_full(m, Y, S, x0):
@@ -106,10 +112,6 @@ def peer_full(m, Y, S, x0):
     pseudo-Voigt at the bin centres, same reflections, cells, Caglioti + size + strain
     widths as ours), scipy ``least_squares`` with its default finite-difference Jacobian.
     Returns (seconds, params)."""
-    from scipy.optimize import least_squares
-
-    free = np.asarray(m.refined) & ~(np.asarray(m.names) == "zero")
-    lo, hi = m.lower[free], m.upper[free]
     tth = 0.5 * (m.edges_t[1:] + m.edges_t[:-1])
     lam_A, lam_nm = m.wavelength_m * 1e10, m.wavelength_m * 1e9
     eta, g = m.eta, 4 * np.log(2)
@@ -129,23 +131,7 @@ def peer_full(m, Y, S, x0):
             y = y + x[sl["scale"]] * (t.intensity @ pv)
         return y
 
-    out = []
-    t0 = time.perf_counter()
-    for v in range(Y.shape[0]):
-        y = Y[v].astype(np.float64)
-        w = 1.0 / S[v].astype(np.float64)
-        base = x0[v].copy()
-
-        def fun(p, base=base, y=y, w=w):
-            x = base.copy()
-            x[free] = p
-            return (model(x) - y) * w
-
-        sol = least_squares(fun, np.clip(base[free], lo, hi), bounds=(lo, hi), method="trf", x_scale="jac")
-        x = base.copy()
-        x[free] = sol.x
-        out.append(x)
-    return time.perf_counter() - t0, np.asarray(out)
+    return _per_voxel_fit(m, Y, S, x0, model)
 
 
 def main():
