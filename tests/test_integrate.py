@@ -330,3 +330,53 @@ def test_gpu_matches_cpu(ri_q, frame2m):
     i_gpu, s_gpu = ri_q.integrate(cp.asarray(frames))
     assert _rel(cp.asnumpy(i_gpu)[1], i_cpu[1]) < 1e-5
     assert _rel(cp.asnumpy(s_gpu)[1], s_cpu[1]) < 1e-5
+
+
+# ------------------------------------------------- clipping filters, array-module (GPU) path
+def test_array_engine_sigma_clip_equals_cpu_path(ri_q, frame2m, hot_frame):
+    """The arithmetic the GPU runs (prefix-sum segments, gathers), here on numpy, equals the
+    cache-blocked CPU path and pyFAI ``sigma_clip_ng`` (both error models, dark, monitor)."""
+    frames = np.stack([frame2m, hot_frame])
+    cpu, cpu_s = ri_q.integrate_sigma_clip(frames, thres=4, max_iter=5, monitor=[2.0, 0.5])
+    arr, arr_s = ri_q.integrate_sigma_clip(frames, thres=4, max_iter=5, monitor=[2.0, 0.5],
+                                           engine="array")
+    assert arr.dtype == np.float32 and arr.shape == cpu.shape
+    for k in range(2):
+        assert _clip_agrees(arr[k], cpu[k]) and _clip_agrees(arr_s[k], cpu_s[k])
+        ref = ri_q.reference_sigma_clip(frames[k], thres=4, max_iter=5)
+        assert _clip_agrees(arr[k] * [2.0, 0.5][k], ref.intensity)
+    ri = RadialIntegrator(P2M / "CeO2.poni", npt=700, unit="2th_deg", mask=P2M / "mask.edf",
+                          split="no", error_model="none", dark=np.full(frame2m.shape, 3.0))
+    a, _ = ri.integrate_sigma_clip(frames, thres=4, max_iter=5, engine="array")
+    c, _ = ri.integrate_sigma_clip(frames, thres=4, max_iter=5)
+    for k in range(2):
+        assert _clip_agrees(a[k], c[k])
+    g = a[0] > 0
+    assert np.max(np.abs(a[1] - a[0])[g] / a[0][g]) < 0.01  # every spot removed
+
+
+def test_array_engine_trimmed_mean_equals_pyfai(ri_q, frame2m, hot_frame):
+    frames = np.stack([frame2m, hot_frame])
+    t, ts = ri_q.integrate_trimmed_mean(frames, quantiles=(0.0, 0.9), engine="array")
+    assert t.dtype == np.float32 and t.shape == (2, ri_q.npt)
+    for lo, hi in ((0.0, 0.9), (0.1, 0.8)):
+        t, ts = ri_q.integrate_trimmed_mean(frames, quantiles=(lo, hi), engine="array")
+        for k in range(2):
+            ref = ri_q.reference_trimmed_mean(frames[k], quantiles=(lo, hi))
+            assert _rel(t[k], ref.intensity) < 1e-4
+            assert _rel(ts[k], ref.sigma) < 1e-4
+    with pytest.raises(IntegrationError, match="engine 'gpu'"):
+        ri_q.integrate_trimmed_mean(frames, engine="gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_clipping_filters_match_cpu(ri_q, frame2m, hot_frame):
+    cp = pytest.importorskip("cupy", reason="needs cupy and an NVIDIA GPU")
+    frames = np.stack([frame2m, hot_frame])
+    c, cs = ri_q.integrate_sigma_clip(frames, thres=4, max_iter=5)
+    g, gs = ri_q.integrate_sigma_clip(cp.asarray(frames), thres=4, max_iter=5)
+    t_cpu, _ = ri_q.integrate_trimmed_mean(frames, quantiles=(0.0, 0.9))
+    t_gpu, _ = ri_q.integrate_trimmed_mean(cp.asarray(frames), quantiles=(0.0, 0.9))
+    for k in range(2):
+        assert _clip_agrees(cp.asnumpy(g)[k], c[k]) and _clip_agrees(cp.asnumpy(gs)[k], cs[k])
+        assert _rel(cp.asnumpy(t_gpu)[k], t_cpu[k]) < 1e-4
