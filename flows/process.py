@@ -461,35 +461,15 @@ def stage_reconstruct(req: Request) -> dict:
     return {"seconds": dt, "slices_reused": reused}
 
 
-def stage_mapping(req: Request) -> dict:
-    """Per-voxel scale factors of the spec's phases, weight fractions and Rwp."""
-    import xarray as xr
+def _map_slice(vol, sigma, mask, phases, refs, radial, unit, wl, m) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Maps of one slice: ``vol`` (1, y, x, radial) float64, ``sigma`` same or None, ``mask``
+    (1, y, x) True = not fitted. Returns the variables ``name -> (dims, array, attrs)``
+    with z of length 1, the slice's Rwp (1, y, x) and weight fractions (1, y, x, phase)."""
+    from tasks.rietveld import fit_scales, weight_fractions
 
-    from tasks.rietveld import fit_scales, load_phase, reference_patterns, weight_fractions
-
-    spec = req.spec
-    m = spec.mapping
-    t0 = time.perf_counter()
-    ds = store.open_product(req.work)
-    vol = np.asarray(ds["volume"].values, np.float64)       # (z, y, x, radial)
-    radial = ds["radial"].values
-    unit = ds["radial"].attrs.get("unit", spec.integration.unit)
-    wl = ds["radial"].attrs.get("wavelength_m") or spec.input.wavelength_m
-    if not wl or not np.isfinite(wl):
-        raise SpecError("input.wavelength_m: mapping needs the wavelength (from the PONI, or "
-                        "input.wavelength_m for sinogram input)")
-    phases = [load_phase(p.name, path) for p, path in zip(m.phases, spec.phase_paths())]
-    refs = reference_patterns(phases, radial, unit, wl, m.profile)
-    total = np.nansum(np.clip(vol, 0, None), axis=-1)
-    mask = ~(total > m.min_total_intensity * np.nanmax(total))
-    if "volume_sigma" in ds:
-        sigma = np.asarray(ds["volume_sigma"].values, np.float64)
-        sigma = np.where(sigma > 0, sigma, np.nanmax(sigma))
-    else:
-        sigma = np.ones_like(vol)
-    res = fit_scales(vol, refs, background_order=m.background_order, sigma=sigma, mask=mask)
+    res = fit_scales(vol, refs, background_order=m.background_order,
+                     sigma=np.ones_like(vol) if sigma is None else sigma, mask=mask)
     wf = weight_fractions(res.scale, phases)
-    names = [p.name for p in phases]
 
     def zp(a):  # (z, y, x, phase) -> (z, phase, y, x)
         return np.moveaxis(np.asarray(a, np.float32), -1, 1)
@@ -508,15 +488,71 @@ def stage_mapping(req: Request) -> dict:
     if m.method == "refine":  # whole-pattern refinement of every voxel (tasks.refine)
         from tasks.refine import refine_variables
 
-        extra, res = refine_variables(vol, sigma, mask, phases, radial, unit, wl, m)
+        extra, res = refine_variables(vol, np.ones_like(vol) if sigma is None else sigma, mask,
+                                      phases, radial, unit, wl, m)
         data.update(extra)
         wf = res.weight_fraction
-    new = xr.Dataset(data, coords={"phase": ("phase", np.asarray(names, dtype=str))})
-    store.write_variables(req.work, new, level=spec.output.compressor_level)
+    return data, np.asarray(res.rwp), np.asarray(wf)
+
+
+def stage_mapping(req: Request) -> dict:
+    """Per-voxel scale factors of the spec's phases, weight fractions and Rwp (or the
+    whole-pattern refinement of every voxel), slice by slice: one slice of the volume is
+    in memory at a time and its maps are written as they are done."""
+    import xarray as xr
+
+    from tasks.rietveld import load_phase, reference_patterns
+
+    spec = req.spec
+    m = spec.mapping
+    t0 = time.perf_counter()
+    ds = store.open_product(req.work)
+    nz = ds.sizes["z"]
+    radial = ds["radial"].values
+    unit = ds["radial"].attrs.get("unit", spec.integration.unit)
+    wl = ds["radial"].attrs.get("wavelength_m") or spec.input.wavelength_m
+    if not wl or not np.isfinite(wl):
+        raise SpecError("input.wavelength_m: mapping needs the wavelength (from the PONI, or "
+                        "input.wavelength_m for sinogram input)")
+    phases = [load_phase(p.name, path) for p, path in zip(m.phases, spec.phase_paths())]
+    refs = reference_patterns(phases, radial, unit, wl, m.profile)
+    has_sigma = "volume_sigma" in ds
+
+    def volume(iz):
+        return np.asarray(ds["volume"].isel(z=iz).values, np.float64)[None]
+
+    # pass 1 (one slice at a time): the voxel mask needs the brightest voxel of the volume,
+    # the error model the largest sigma
+    total = np.concatenate([np.nansum(np.clip(volume(iz), 0, None), axis=-1) for iz in range(nz)])
+    mask = ~(total > m.min_total_intensity * np.nanmax(total))
+    sig_max = max(float(np.nanmax(ds["volume_sigma"].isel(z=iz).values)) for iz in range(nz)) \
+        if has_sigma else None
+    names = [p.name for p in phases]
+    rwp_all, wf_sum, wf_n = [], np.zeros(len(names)), np.zeros(len(names))
+    for iz in range(nz):  # pass 2: fit, write the slice's maps
+        sigma = None
+        if has_sigma:
+            sigma = np.asarray(ds["volume_sigma"].isel(z=iz).values, np.float64)[None]
+            sigma = np.where(sigma > 0, sigma, sig_max)
+        data, rwp, wf = _map_slice(volume(iz), sigma, mask[iz:iz + 1], phases, refs, radial,
+                                   unit, wl, m)
+        if iz == 0:  # create every variable (zero chunks), then fill slice by slice
+            store.write_variables(req.work, xr.Dataset(
+                {k: (dims, store.lazy_zeros(dims, (nz,) + np.shape(a)[1:], np.asarray(a).dtype), attrs)
+                 for k, (dims, a, attrs) in data.items()},
+                coords={"phase": ("phase", np.asarray(names, dtype=str))}),
+                level=spec.output.compressor_level)
+        for k, (_dims, a, _attrs) in data.items():
+            store.write_slice(req.work, k, iz, np.asarray(a)[0])
+        inside = ~mask[iz]
+        rwp_all.append(rwp[0][inside])
+        wf_sum += np.nansum(wf[0][inside], axis=0)
+        wf_n += np.isfinite(wf[0][inside]).sum(axis=0)
+        progress.report("mapping", iz + 1, nz)
     dt = time.perf_counter() - t0
-    inside = ~mask
-    summary = {"median_rwp": float(np.nanmedian(res.rwp[inside])) if inside.any() else float("nan"),
-               "mean_weight_fraction": {n: float(np.nanmean(wf[..., i][inside])) if inside.any() else float("nan")
+    rwp_in = np.concatenate(rwp_all)
+    summary = {"median_rwp": float(np.nanmedian(rwp_in)) if rwp_in.size else float("nan"),
+               "mean_weight_fraction": {n: float(wf_sum[i] / wf_n[i]) if wf_n[i] else float("nan")
                                         for i, n in enumerate(names)}}
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "mapping": dt},
                                   "fit_summary": summary})
