@@ -331,6 +331,34 @@ class Projector:
         m = self._At if transpose else self._A
         return m @ x2
 
+    def matvec(self, x2):
+        """``A @ x2`` on flattened images, channels last: x2 (n_pixels**2, C) -> (n_angle *
+        n_translation, C), in the backend's array type (see :meth:`asarray`);
+        differentiable on the torch backend. Rows are ``angle * n_translation + t``,
+        columns ``i * n_pixels + j``."""
+        return self._matmul(x2, False)
+
+    def rmatvec(self, y2):
+        """``A.T @ y2``: y2 (n_angle * n_translation, C) -> (n_pixels**2, C), backend type."""
+        return self._matmul(y2, True)
+
+    def asarray(self, a):
+        """``a`` (numpy, cupy or torch) as the backend's float32 array type on its device:
+        torch tensor (torch), cupy array (cupy), numpy array (numpy, astra)."""
+        a = self._native(a, "a")
+        if self.backend == "torch":
+            import torch
+
+            return a.to(torch.float32)
+        return a.astype(np.float32, copy=False)
+
+    @staticmethod
+    def to_numpy(a):
+        """A backend array (torch tensor on any device, cupy, numpy) as numpy."""
+        if type(a).__module__.startswith("torch"):
+            return a.detach().cpu().numpy()
+        return np.asarray(to_numpy(a))
+
     def _native(self, a, name):
         if self.backend == "torch":
             import torch
