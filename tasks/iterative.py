@@ -359,8 +359,8 @@ def _tv(u, eps):
     return (((dx * dx + dy * dy + eps * eps).sqrt() - eps)).sum(dim=(1, 2))
 
 
-def tv_reconstruct(sino, angles_deg, *, loss="gaussian", lam_tv=0.02, lam_l1=0.0, n_iter=200,
-                   optimizer="adam", lr=0.05, angle_batch=None, nonneg=True, support="circle",
+def tv_reconstruct(sino, angles_deg, *, loss="gaussian", lam_tv=0.01, lam_l1=0.0, n_iter=200,
+                   optimizer="adam", lr=0.1, angle_batch=None, nonneg=True, support="circle",
                    x0="fbp", device="cpu", seed=0, center=None, projector=None, tv_eps=1e-3,
                    callback=None):
     """Regularised reconstruction of every radial bin by automatic differentiation.

@@ -286,3 +286,23 @@ def test_gpu_paths_equal_cpu(truth):
         t = tv_reconstruct(sino, ANG_Q, n_iter=50, device="cuda")
         tc = tv_reconstruct(sino, ANG_Q, n_iter=50)
         assert rel_err(t, tc) < 1e-3
+
+
+def test_iterative_spec_validates_and_feeds_reconstruct(truth):
+    from pipelines.spec import SpecError, parse_spec
+
+    spec = parse_spec({"reconstruction": {"method": "tv", "iterative": {
+        "n_iter": 3, "lam_tv": 0.05, "angle_batch": 4}}})
+    r = spec.reconstruction
+    opts = r.iterative.options(r.method)
+    assert opts == dict(n_iter=3, lam_tv=0.05, lam_l1=0.0, loss="gaussian", optimizer="adam",
+                        lr=0.1, angle_batch=4)
+    assert reconstruct(radon(truth[:, :, :1], ANG_Q), ANG_Q, r.method, **opts).shape == (N, N, 1)
+    assert parse_spec({"reconstruction": {"method": "sirt"}}).reconstruction.iterative.options("sirt") == {}
+    for bad, field in (({"method": "art"}, "reconstruction.method"),
+                       ({"iterative": {"lam_tv": -1}}, "lam_tv"),
+                       ({"iterative": {"n_iter": 0}}, "n_iter"),
+                       ({"iterative": {"optimizer": "lbfgs", "angle_batch": 8}}, "angle_batch"),
+                       ({"iterative": {"loss": "l1"}}, "loss")):
+        with pytest.raises(SpecError, match=field):
+            parse_spec({"reconstruction": bad})
