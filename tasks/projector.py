@@ -34,8 +34,10 @@ Channels (radial bins, or a batch of images) are the dense right-hand side of on
 product, so all bins of a slice are projected in one call.
 
 Memory: ``A`` has about ``n_pixels**2 * n_angle * (1 + |cos| + |sin|)`` non-zeros
-(~2.3 per pixel and angle on average, 8 bytes each), held twice (``A`` and ``A.T``) on
-the matrix backends: ~0.6 GB for 256 x 256 pixels and 256 angles.
+(~2.3 per pixel and angle on average, 8 bytes each with int32 indices), held twice
+(``A`` and ``A.T``) on the matrix backends (on the CPU the torch tensors share the scipy
+arrays; on a GPU the host copy of ``A`` stays too): ~0.3 GB per copy for 256 x 256 pixels and 256 angles, ~1.7 GB for
+708 x 708 pixels and 180 angles. Building it costs ~1 s per 5 million non-zeros.
 """
 
 from __future__ import annotations
@@ -89,8 +91,10 @@ def _sparse_matmul_fn():
 def _torch_csr(mat, device):
     import torch
 
-    crow = torch.from_numpy(np.ascontiguousarray(mat.indptr).astype(np.int64, copy=False))
-    col = torch.from_numpy(np.ascontiguousarray(mat.indices).astype(np.int64, copy=False))
+    # int32 indices when they fit: half the index memory and ~1.4x faster products
+    it = np.int32 if max(mat.nnz, *mat.shape) < 2**31 - 1 else np.int64
+    crow = torch.from_numpy(np.ascontiguousarray(mat.indptr).astype(it, copy=False))
+    col = torch.from_numpy(np.ascontiguousarray(mat.indices).astype(it, copy=False))
     val = torch.from_numpy(np.ascontiguousarray(mat.data, dtype=np.float32))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
