@@ -333,6 +333,11 @@ class Projector:
                 out[:, k] = op @ np.ascontiguousarray(x2[:, k], dtype=np.float32)
             return out
         m = self._At if transpose else self._A
+        if self.backend == "cupy":
+            import cupy
+
+            # cuSPARSE's SpMM wants one dtype and a contiguous dense operand
+            return m @ cupy.ascontiguousarray(x2, dtype=cupy.float32)
         return m @ x2
 
     def matvec(self, x2):
