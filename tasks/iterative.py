@@ -30,13 +30,14 @@ dimension of every sparse product:
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
 from tasks._xp import get_xp
 from tasks.projector import Projector, ProjectorError
 from tasks.reconstruct import (ReconstructionError, _as_angles, _as_sino, _center, circle_mask,
-                               fbp)
+                               circle_radius, fbp)
 
 __all__ = ["IterativeError", "sirt", "cgls", "tv_reconstruct", "reconstruct", "METHODS"]
 
@@ -99,15 +100,21 @@ def _prepare(sino, angles_deg, center, projector, backend, device):
     return s, two_d, xp, ang, projector
 
 
-def _support_mask(support, n, center):
+def _support_mask(support, P):
     """Boolean (n, n) support from None (all pixels), "circle" or a mask."""
+    n = P.n_pixels
     if support is None:
         return np.ones((n, n), bool)
     if isinstance(support, str):
         if support != "circle":
             raise IterativeError(f"support: expected None, 'circle' or an ({n}, {n}) mask, got "
                                  f"{support!r}")
-        return circle_mask(n, center) if n > 2 else np.ones((n, n), bool)
+        if n == P.n_translation:
+            return circle_mask(n, P.center)
+        # the reconstruction circle of the detector, on an image of another size
+        r = circle_radius(P.n_translation, P.center)
+        i, j = np.mgrid[:n, :n] - (n - 1) / 2.0
+        return i * i + j * j <= r * r + 1e-9
     m = np.asarray(support.get() if hasattr(support, "get") else support)
     if m.shape != (n, n):
         raise IterativeError(f"support: expected an ({n}, {n}) mask, got shape {m.shape}")
@@ -134,12 +141,12 @@ def _initial(x0, s, ang, center, n, nb, name="x0"):
         if x0 != "fbp":
             raise IterativeError(f"{name}: expected None, 'fbp' or an ({n}, {n}, {nb}) image, "
                                  f"got {x0!r}")
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)   # limited-angle warning
-                return np.asarray(fbp(s, ang, center=center, circle=False), np.float32)
+        if n != s.shape[1]:
+            raise IterativeError(f"{name}: 'fbp' needs n_pixels == n_translation ({s.shape[1]}), "
+                                 f"the projector has {n}; pass an image or None")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # limited-angle warning
+            return np.asarray(fbp(s, ang, center=center, circle=False), np.float32)
     a = np.asarray(x0.get() if hasattr(x0, "get") else x0, dtype=np.float32)
     if a.ndim == 2:
         a = a[:, :, None]
@@ -236,7 +243,7 @@ def sirt(sino, angles_deg, *, n_iter=100, center=None, nonneg=True, support="cir
     s, two_d, xp, ang, P = _prepare(sino, angles_deg, center, projector, backend, device)
     na, nt, nb = s.shape
     n = P.n_pixels
-    mask = _support_mask(support, n, P.center)
+    mask = _support_mask(support, P)
     x_init = _initial(x0, s, ang, P.center, n, nb)
     m = mask.reshape(-1, 1).astype(np.float32)
     rows = P.to_numpy(P.matvec(P.asarray(m))).astype(np.float64)            # A 1_support
@@ -314,7 +321,7 @@ def cgls(sino, angles_deg, *, n_iter=20, center=None, nonneg=False, support="cir
     s, two_d, xp, ang, P = _prepare(sino, angles_deg, center, projector, backend, device)
     na, nt, nb = s.shape
     n = P.n_pixels
-    mask = _support_mask(support, n, P.center)
+    mask = _support_mask(support, P)
     x_init = _initial(x0, s, ang, P.center, n, nb)
     m = P.asarray(mask.reshape(-1, 1).astype(np.float32))
     b = P.asarray(s.reshape(na * nt, nb))
@@ -378,7 +385,7 @@ def tv_reconstruct(sino, angles_deg, *, loss="gaussian", lam_tv=0.01, lam_l1=0.0
     angles_deg : array_like, shape (n_angle,)
     loss : {"gaussian", "poisson"}
         ``gaussian``: ``D = ||A u - b/s||^2 / (2 n_angle n)`` (least squares; ``n`` the
-        image side). ``poisson``: the negative log-likelihood
+        image side, ``n_angle`` the angles of the minibatch). ``poisson``: the negative log-likelihood
         ``sum(l - b log l)``, ``l = A x + delta`` (``delta = 1e-6 mean(b)``), scaled by
         ``mean(b) / s^2 / (n_angle n)`` so that to second order about ``A x = mean(b)`` it
         equals the Gaussian term and ``lam_tv`` means the same for both.
@@ -423,8 +430,9 @@ def tv_reconstruct(sino, angles_deg, *, loss="gaussian", lam_tv=0.01, lam_l1=0.0
     tv_eps : float
         Smoothing of the TV (> 0), in units of ``u``.
     callback : callable, optional
-        ``callback(epoch, residual)`` after every epoch: ``||A x - b|| / ||b||`` over all
-        bins, accumulated over the epoch's minibatches before each step.
+        ``callback(iteration, residual)``, ``residual`` = ``||A x - b|| / ||b||`` over all
+        bins: Adam, after every epoch, accumulated over the epoch's minibatches before each
+        step; L-BFGS, after every function evaluation (line-search trials included).
 
     Returns
     -------
@@ -487,7 +495,7 @@ def tv_reconstruct(sino, angles_deg, *, loss="gaussian", lam_tv=0.01, lam_l1=0.0
                                  f"or None, got {angle_batch!r}")
     if loss == "poisson" and np.any(s < 0):
         raise IterativeError("sino: the Poisson loss needs counts >= 0 (got negative values)")
-    mask = _support_mask(support, n, P.center)
+    mask = _support_mask(support, P)
     x_init = _initial(x0, s, ang, P.center, n, nb)
     dev = P.device
     dt = torch.float32
