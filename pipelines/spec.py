@@ -114,15 +114,45 @@ class SinogramSpec(_Strict):
     center_method: Literal["vo", "correlation"] = "vo"
 
 
+class IterativeSpec(_Strict):
+    """Options of the iterative reconstructions (``reconstruction.method`` sirt, cgls or
+    tv; tasks.iterative). ``n_iter`` None = the method's default (SIRT 100, CGLS 20,
+    TV 200); the ``lam_*``, ``loss``, ``optimizer``, ``lr`` and ``angle_batch`` fields
+    apply to ``tv`` only."""
+
+    n_iter: int | None = Field(default=None, ge=1, le=100_000)
+    lam_tv: float = Field(default=0.01, ge=0, description="total-variation weight (image / bin mean)")
+    lam_l1: float = Field(default=0.0, ge=0, description="L1 weight (image / bin mean)")
+    loss: Literal["gaussian", "poisson"] = "gaussian"
+    optimizer: Literal["adam", "lbfgs"] = "adam"
+    lr: float = Field(default=0.1, gt=0, le=10, description="Adam learning rate (image / bin mean)")
+    angle_batch: int | None = Field(default=None, ge=1, description="angles per Adam step; None = all")
+
+    @model_validator(mode="after")
+    def _lbfgs_full_batch(self):
+        if self.optimizer == "lbfgs" and self.angle_batch is not None:
+            raise ValueError("angle_batch: L-BFGS uses all angles; leave angle_batch unset")
+        return self
+
+    def options(self, method: str) -> dict:
+        """Keyword arguments of ``tasks.iterative.reconstruct`` for ``method``."""
+        out = {} if self.n_iter is None else {"n_iter": self.n_iter}
+        if method == "tv":
+            out.update(lam_tv=self.lam_tv, lam_l1=self.lam_l1, loss=self.loss,
+                       optimizer=self.optimizer, lr=self.lr, angle_batch=self.angle_batch)
+        return out
+
+
 class ReconstructionSpec(_Strict):
     """Reconstruction of every radial bin of a slice."""
 
     enabled: bool = True
-    method: Literal["fbp"] = "fbp"
+    method: Literal["fbp", "sirt", "cgls", "tv"] = "fbp"
     backend: Literal["auto", "numpy", "astra", "tomopy"] = "numpy"
     filter: Literal["ramp", "shepp-logan", "hann"] = "ramp"
     clip_negative: bool = False
     circle: bool = True
+    iterative: IterativeSpec = Field(default_factory=IterativeSpec)
 
 
 class PhaseSpec(_Strict):

@@ -45,7 +45,8 @@ from tasks._checks import angles_array, sinogram_array
 from tasks._xp import get_xp, to_numpy
 
 __all__ = ["ReconstructionError", "fbp", "radon", "ramp_filter", "filter_sinogram",
-           "angle_weights", "circle_mask", "circle_radius", "backprojection_matrix"]
+           "angle_weights", "circle_mask", "circle_radius", "backprojection_matrix",
+           "projection_matrix"]
 
 FILTERS = ("ramp", "ram-lak", "shepp-logan", "hann")
 BACKENDS = ("numpy", "auto", "astra", "tomopy")
@@ -617,6 +618,129 @@ def _footprint(d, a, b, order):
     return acc
 
 
+
+class _StripGeometry:
+    """Exact pixel-footprint weights of :func:`radon`, shared with :func:`projection_matrix`.
+
+    ``weights(x, y)`` gives, for pixels centred at ``(x, y)`` (translation steps), the
+    weights ``w`` (P, n_angle, K) float64 of the K detector columns ``cols`` (P, n_angle, K)
+    int32 (already offset by ``angle * n_det``) that each pixel's footprint (trapezoid *
+    beam box) reaches; columns off the detector get weight 0 (and a clipped index).
+    """
+
+    def __init__(self, ang_rad, c, n_det, beam_width):
+        ang = np.asarray(ang_rad, np.float64)
+        self.na = ang.size
+        self.c = float(c)
+        self.n_det = int(n_det)
+        # the 1/(ab) of the footprint formula needs non-zero widths: the edge-on side of the
+        # pixel at 0/90 degrees is clamped to 1e-6 px (leaks ~1e-7 to neighbour columns)
+        self.a = np.maximum(np.abs(np.cos(ang)), 1e-6)[None, :, None]
+        self.b = np.maximum(np.abs(np.sin(ang)), 1e-6)[None, :, None]
+        self.bw = float(beam_width)
+        self.half = (self.a + self.b + self.bw).ravel() / 2.0
+        self.K = int(np.floor(2 * self.half.max())) + 2
+        self.chunk = max(16, 2**18 // (self.na * (self.K + 1)))          # cache-sized blocks
+        self.cosv, self.sinv = np.cos(ang), np.sin(ang)
+        self.kk = np.arange(self.K + 1, dtype=np.float64)[None, None, :]
+
+    def weights(self, x, y):
+        a, b, bw, K, kk, nx = self.a, self.b, self.bw, self.K, self.kk, self.n_det
+        t = x[:, None] * self.cosv[None, :] + y[:, None] * self.sinv[None, :] + self.c  # (P, na)
+        j0 = np.ceil(t - self.half[None, :])
+        d0 = (j0 - t)[:, :, None]                      # distance of the first column
+        if bw == 1.0:
+            # strip of one step: differences of the footprint's CDF at the column edges
+            g = _footprint(d0 - 0.5 + kk, a, b, 2)
+            w = g[:, :, 1:] - g[:, :, :-1]
+        elif bw == 0.0:
+            w = _footprint(d0 + kk[:, :, :K], a, b, 1)   # line integrals
+        else:
+            dk = d0 + kk[:, :, :K]
+            w = (_footprint(dk + bw / 2, a, b, 2) - _footprint(dk - bw / 2, a, b, 2)) / bw
+        cols = j0[:, :, None] + kk[:, :, :K]                                  # (P, na, K)
+        w = np.where((cols >= 0) & (cols <= nx - 1) & (w > 1e-12), w, 0.0)
+        cols = (np.clip(cols, 0, nx - 1).astype(np.int32)
+                + (np.arange(self.na, dtype=np.int32) * nx)[None, :, None])
+        return w, cols
+
+
+def projection_matrix(angles_deg, n_translation, center=None, *, n_pixels=None,
+                      beam_width=1.0, transpose=False):
+    """Sparse system matrix of :func:`radon` (exact pixel-footprint strip integrals).
+
+    ``(A @ image.reshape(ny * nx, C)).reshape(n_angle, n_translation, C)`` equals
+    ``radon(image, angles_deg, center, beam_width=beam_width)`` (to float32 rounding) when
+    ``n_pixels == n_translation``; zero weights are left out.
+
+    Parameters
+    ----------
+    angles_deg : array_like, shape (n_angle,)
+        Rotation angles in degrees.
+    n_translation : int
+        Detector (translation) columns, >= 2.
+    center : float or None
+        Translation-pixel position of the rotation axis (0 = first column); None =
+        ``(n_translation - 1) / 2``. The image centre is on the axis.
+    n_pixels : int, optional
+        Image side ``ny = nx`` (pixel size = one translation step); default ``n_translation``.
+    beam_width : float
+        Beam width in translation steps (>= 0), as in :func:`radon`.
+    transpose : bool
+        Return ``A.T`` (back-projector, pixel rows) instead of ``A``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, float32
+        ``A`` of shape ``(n_angle * n_translation, n_pixels**2)`` (row ``a * n_translation
+        + t``, column ``i * n_pixels + j``), or its transpose. About
+        ``n_pixels**2 * n_angle * (1 + |cos| + |sin|)`` non-zeros: 8 bytes each.
+
+    Raises
+    ------
+    ReconstructionError
+        Bad sizes, beam width or centre, or more than 2**31 - 1 non-zeros.
+    """
+    import scipy.sparse as sp
+
+    nt = int(n_translation)
+    if nt != n_translation or nt < 2:
+        raise ReconstructionError(f"n_translation: expected an integer >= 2, got {n_translation!r}")
+    n = nt if n_pixels is None else int(n_pixels)
+    if n_pixels is not None and (n != n_pixels or n < 1):
+        raise ReconstructionError(f"n_pixels: expected an integer >= 1, got {n_pixels!r}")
+    if not beam_width >= 0:
+        raise ReconstructionError(f"beam_width: expected >= 0 translation steps, got {beam_width!r}")
+    ang = _as_angles(angles_deg, np.asarray(to_numpy(angles_deg)).size)
+    if ang.size < 1:
+        raise ReconstructionError("angles_deg: expected at least one angle")
+    c = _center(center, nt)
+    geo = _StripGeometry(np.deg2rad(ang), c, nt, beam_width)
+    i, j = np.mgrid[:n, :n]
+    x = (j - (n - 1) / 2.0).ravel()
+    y = ((n - 1) / 2.0 - i).ravel()
+    data, indices, counts = [], [], []
+    total = 0
+    for p0 in range(0, n * n, geo.chunk):
+        w, cols = geo.weights(x[p0:p0 + geo.chunk], y[p0:p0 + geo.chunk])
+        P = w.shape[0]
+        w = w.reshape(P, -1)
+        keep = w != 0
+        data.append(w[keep].astype(np.float32))
+        indices.append(cols.reshape(P, -1)[keep])
+        counts.append(keep.sum(axis=1))
+        total += data[-1].size
+        if total >= 2**31:
+            raise ReconstructionError("projection_matrix: more than 2**31 non-zeros; use fewer "
+                                      "pixels or angles")
+    indptr = np.zeros(n * n + 1, dtype=np.int64 if total >= 2**31 else np.int32)
+    np.cumsum(np.concatenate(counts), out=indptr[1:])
+    At = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr),
+                       shape=(n * n, ang.size * nt))
+    At.has_sorted_indices = True          # columns ascend within each (pixel, angle)
+    return At if transpose else At.T.tocsr()
+
+
 def radon(image, angles_deg, center=None, *, beam_width=1.0):
     """Forward projection (line or strip integrals) of a pixel image, batched over channels.
 
@@ -674,16 +798,7 @@ def radon(image, angles_deg, center=None, *, beam_width=1.0):
     ang = np.deg2rad(_as_angles(angles_deg, np.asarray(to_numpy(angles_deg)).size))
     na = ang.size
     c = _center(center, nx)
-    # zero widths are clamped (the 8-term formula divides by the widths): 1e-6 for the
-    # pixel's edge-on side at 0/90 degrees (leaks ~1e-7 to the neighbour columns), 1e-3
-    # for a line beam (keeps the float64 cancellation error below ~1e-7)
-    # the 1/(ab) of the footprint formula needs non-zero widths: the edge-on side of the
-    # pixel at 0/90 degrees is clamped to 1e-6 px (leaks ~1e-7 to neighbour columns)
-    a = np.maximum(np.abs(np.cos(ang)), 1e-6)[None, :, None]
-    b = np.maximum(np.abs(np.sin(ang)), 1e-6)[None, :, None]
-    bw = float(beam_width)
-    half = (a + b + bw).ravel() / 2.0
-    K = int(np.floor(2 * half.max())) + 2
+    geo = _StripGeometry(ang, c, nx, beam_width)
     i, j = np.mgrid[:ny, :nx]
     x = (j - (nx - 1) / 2.0).ravel()
     y = ((ny - 1) / 2.0 - i).ravel()
@@ -691,27 +806,11 @@ def radon(image, angles_deg, center=None, *, beam_width=1.0):
     nonzero = np.flatnonzero(to_numpy(xp.any(vals_all != 0, axis=1)))
     out = xp.zeros((na * nx, nch), dtype=xp.float32)
     sparse = _sparse_module(xp)
-    chunk = max(16, 2**18 // (na * (K + 1)))          # cache-sized blocks
-    cosv, sinv = np.cos(ang), np.sin(ang)
-    kk = np.arange(K + 1, dtype=np.float64)[None, None, :]
-    for p0 in range(0, nonzero.size, chunk):
-        idx = nonzero[p0:p0 + chunk]
-        t = x[idx, None] * cosv[None, :] + y[idx, None] * sinv[None, :] + c    # (P, na)
-        j0 = np.ceil(t - half[None, :])
-        d0 = (j0 - t)[:, :, None]                      # distance of the first column
-        if bw == 1.0:
-            # strip of one step: differences of the footprint's CDF at the column edges
-            g = _footprint(d0 - 0.5 + kk, a, b, 2)
-            w = g[:, :, 1:] - g[:, :, :-1]
-        elif bw == 0.0:
-            w = _footprint(d0 + kk[:, :, :K], a, b, 1)   # line integrals
-        else:
-            dk = d0 + kk[:, :, :K]
-            w = (_footprint(dk + bw / 2, a, b, 2) - _footprint(dk - bw / 2, a, b, 2)) / bw
-        cols = j0[:, :, None] + kk[:, :, :K]                                  # (P, na, K)
-        w = np.where((cols >= 0) & (cols <= nx - 1) & (w > 1e-12), w, 0.0)
-        cols = np.clip(cols, 0, nx - 1).astype(np.int32) + (np.arange(na, dtype=np.int32) * nx)[None, :, None]
+    for p0 in range(0, nonzero.size, geo.chunk):
+        idx = nonzero[p0:p0 + geo.chunk]
+        w, cols = geo.weights(x[idx], y[idx])
         P = idx.size
+        K = geo.K
         indptr = np.arange(0, P * na * K + 1, na * K, dtype=np.int32)
         A = sparse.csr_matrix((xp.asarray(w.reshape(-1).astype(np.float32)),
                                xp.asarray(cols.reshape(-1)), xp.asarray(indptr)),
