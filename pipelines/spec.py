@@ -114,15 +114,38 @@ class SinogramSpec(_Strict):
     center_method: Literal["vo", "correlation"] = "vo"
 
 
+class GanSpec(_Strict):
+    """Self-supervised GAN reconstruction (``reconstruction.method: gan``; tasks.gan,
+    GANrec of Yang et al. 2020). Nothing is trained beforehand; ``n_iter`` Adam steps per
+    channel fit the networks to each slice."""
+
+    start: Literal["fbp", "sinogram"] = Field(
+        default="fbp", description="generator input: the FBP image (residual) or the sinogram")
+    n_iter: int = Field(default=300, ge=1, le=100_000)
+    lr: float = Field(default=1e-3, gt=0, le=1.0, description="generator learning rate (Adam)")
+    lam_data: float = Field(default=100.0, ge=0, description="weight of the L1 data term")
+    channels: list[int] | None = Field(
+        default=None, description="radial-bin indices to reconstruct (None = all bins)")
+    seed: int = Field(default=0, ge=0, description="network initialisation seed")
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v):
+        if v is not None and (not v or min(v) < 0 or len(set(v)) != len(v)):
+            raise ValueError(f"expected a non-empty list of distinct bin indices >= 0, got {v}")
+        return v
+
+
 class ReconstructionSpec(_Strict):
     """Reconstruction of every radial bin of a slice."""
 
     enabled: bool = True
-    method: Literal["fbp"] = "fbp"
+    method: Literal["fbp", "gan"] = "fbp"
     backend: Literal["auto", "numpy", "astra", "tomopy"] = "numpy"
     filter: Literal["ramp", "shepp-logan", "hann"] = "ramp"
     clip_negative: bool = False
     circle: bool = True
+    gan: GanSpec = Field(default_factory=GanSpec)
 
 
 class PhaseSpec(_Strict):
