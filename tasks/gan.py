@@ -57,6 +57,8 @@ __all__ = ["GanError", "gan_reconstruct", "gan_reconstruct_components", "decompo
 STARTS = ("fbp", "sinogram")
 LOSSES = ("l1", "l2")
 DECOMPOSITIONS = ("nmf", "svd")
+_SOFTPLUS_BETA = 50.0
+_DIVERGED = 2.0     # final residual / lowest residual above which the fit counts as diverged
 
 
 class GanError(ReconstructionError):
@@ -223,7 +225,9 @@ def _reconstruct_one(s2d, ang, proj, mask_t, *, start, n_iter, lr, lam_data, lam
     img_scale = float(np.percentile(inside, 99.5)) if inside.size else 0.0
     sino_scale = float(np.max(np.abs(s2d)))
     if img_scale <= 0 or sino_scale <= 0:                                # all-zero data
-        return np.zeros((n, n), np.float32), {"data_residual": [0.0], "seconds": time.perf_counter() - t0}
+        return np.zeros((n, n), np.float32), {"data_residual": [0.0], "iterations": 0,
+                                              "diverged": False,
+                                              "seconds": time.perf_counter() - t0}
     y = torch.from_numpy(np.ascontiguousarray(s2d / sino_scale, np.float32)).to(device)[None]
     op_scale = img_scale / sino_scale          # A_n u = A (u * img_scale) / sino_scale
     if start == "fbp":
@@ -243,11 +247,18 @@ def _reconstruct_one(s2d, ang, proj, mask_t, *, start, n_iter, lr, lam_data, lam
     y_norm = float(torch.linalg.vector_norm(y))
 
     def image(out):
-        u = out[:, 0] * mask_t
-        return torch.relu(u) if nonneg else u
+        # softplus, not ReLU: a ReLU output that goes <= 0 everywhere has no gradient and
+        # stays 0 for good (seen at lr 3e-3); softplus keeps a (small) gradient, which
+        # Adam rescales, so the fit recovers. beta 50 in units of the 99.5th percentile
+        # of the FBP image: 0 maps to 1.4e-2, -0.1 to 1.3e-4.
+        u = out[:, 0]
+        if nonneg:
+            u = torch.nn.functional.softplus(u, beta=_SOFTPLUS_BETA)
+        return u * mask_t
 
     hist = []
     stopped = n_iter
+    best = (np.inf, None)       # lowest data residual seen: the fallback if the GAN diverges
     for it in range(n_iter):
         u = image(gen(g_in))                                             # (1, n, n)
         p = proj.forward(u) * op_scale                                   # (1, na, n)
@@ -269,23 +280,30 @@ def _reconstruct_one(s2d, ang, proj, mask_t, *, start, n_iter, lr, lam_data, lam
             opt_d.step()
         rel = float(torch.linalg.vector_norm(r.detach())) / y_norm
         hist.append(rel)
+        if rel < best[0]:
+            best = (rel, u.detach().clone())
         if callback is not None and callback({"channel": channel, "iteration": it,
-                                              "data_residual": rel, "data_loss": float(data),
-                                              "adv_loss": float(adv)}):
+                                              "data_residual": rel, "data_loss": data.item(),
+                                              "adv_loss": adv.item()}):
             stopped = it + 1
             break
     with torch.no_grad():
         u = image(gen(g_in))
         rel = float(torch.linalg.vector_norm(proj.forward(u) * op_scale - y)) / y_norm
     hist.append(rel)
+    # adversarial training can diverge late (the discriminator wins and the generator's
+    # image collapses; seen at lr 3e-3): then the iterate of lowest residual is returned
+    diverged = best[1] is not None and rel > _DIVERGED * best[0]
+    if diverged:
+        u = best[1]
     img = (u[0].cpu().numpy() * img_scale).astype(np.float32)
     return img, {"data_residual": hist, "seconds": time.perf_counter() - t0,
-                 "iterations": stopped}
+                 "iterations": stopped, "diverged": bool(diverged)}
 
 
 def gan_reconstruct(sino, angles_deg, *, start="fbp", n_iter=300, lr=1e-3, lam_data=100.0,
                     center=None, device="cpu", seed=0, channels=None, callback=None,
-                    loss="l1", lam_adv=1.0, d_lr_ratio=0.1, width=16, nonneg=True,
+                    loss="l1", lam_adv=1.0, d_lr_ratio=0.01, width=16, nonneg=True,
                     projector=None):
     """Self-supervised GAN reconstruction (GANrec) of every selected channel of a sinogram.
 
@@ -325,7 +343,8 @@ def gan_reconstruct(sino, angles_deg, *, start="fbp", n_iter=300, lr=1e-3, lam_d
         Weight of the adversarial term (GANrec: 1); 0 turns the discriminator off (the
         network prior alone, a deep image prior).
     d_lr_ratio : float
-        Discriminator learning rate as a fraction of ``lr``.
+        Discriminator learning rate as a fraction of ``lr`` (GANrec: 1e-5 / 1e-3 = 0.01;
+        a faster discriminator made the generator collapse in our tests).
     width : int
         Convolution filters of the first generator level (discriminator: half).
     nonneg : bool
@@ -345,8 +364,10 @@ def gan_reconstruct(sino, angles_deg, *, start="fbp", n_iter=300, lr=1e-3, lam_d
         ``channels`` (list of indices, ``[None]`` for 2D), ``seconds`` (wall time per
         channel, list of float, FBP and network set-up included), ``data_residual`` (per
         channel, the list of relative residuals ``||A x - y|| / ||y||`` at every iteration
-        and after the last), ``iterations`` (per channel), ``start``, ``n_iter``, ``lr``,
-        ``lam_data``, ``loss``, ``lam_adv``, ``seed``.
+        and after the last), ``iterations`` (per channel), ``diverged`` (per channel: the
+        final residual was over twice the lowest one seen, e.g. a collapse of the
+        adversarial game, and the image of lowest residual was returned instead of the
+        last), ``start``, ``n_iter``, ``lr``, ``lam_data``, ``loss``, ``lam_adv``, ``seed``.
 
     Raises
     ------
@@ -373,6 +394,7 @@ def gan_reconstruct(sino, angles_deg, *, start="fbp", n_iter=300, lr=1e-3, lam_d
     mask_t = torch.from_numpy(mask.astype(np.float32)).to(device)[None]
     out = np.zeros((n, n, len(chans)), np.float32)
     info = {"channels": chans, "seconds": [], "data_residual": [], "iterations": [],
+            "diverged": [],
             "start": start, "n_iter": int(n_iter), "lr": float(lr), "lam_data": float(lam_data),
             "loss": loss, "lam_adv": float(lam_adv), "seed": int(seed)}
     for k, c in enumerate(chans):
@@ -385,7 +407,8 @@ def gan_reconstruct(sino, angles_deg, *, start="fbp", n_iter=300, lr=1e-3, lam_d
         out[:, :, k] = img
         info["seconds"].append(one["seconds"])
         info["data_residual"].append(one["data_residual"])
-        info["iterations"].append(one.get("iterations", 0))
+        info["iterations"].append(one["iterations"])
+        info["diverged"].append(one["diverged"])
     return (out[:, :, 0] if a.ndim == 2 else out), info
 
 
