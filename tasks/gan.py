@@ -59,6 +59,7 @@ LOSSES = ("l1", "l2")
 DECOMPOSITIONS = ("nmf", "svd")
 _SOFTPLUS_BETA = 50.0
 _DIVERGED = 2.0     # final residual / lowest residual above which the fit counts as diverged
+_BETAS = (0.9, 0.999)   # Adam: Keras defaults, as GANrec
 
 
 class GanError(ReconstructionError):
@@ -239,8 +240,8 @@ def _reconstruct_one(s2d, ang, proj, mask_t, *, start, n_iter, lr, lam_data, lam
         gen, disc = _make_nets(start, na, n, width)
     gen.to(device)
     disc.to(device)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=lr * d_lr_ratio, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=lr, betas=_BETAS)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=lr * d_lr_ratio, betas=_BETAS)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     one = torch.ones(1, 1, device=device)
     zero = torch.zeros(1, 1, device=device)
@@ -320,7 +321,7 @@ def gan_reconstruct(sino, angles_deg, *, start="fbp", n_iter=300, lr=1e-3, lam_d
     n_iter : int
         Adam iterations (one generator and one discriminator step each) per channel.
     lr : float
-        Generator learning rate (Adam, betas 0.5, 0.999); GANrec uses 1e-3.
+        Generator learning rate (Adam, betas 0.9, 0.999 as GANrec); GANrec uses 1e-3.
     lam_data : float
         Weight of the data term; GANrec's ``l1_ratio`` (100 for tomography). The data term
         is on the sinogram normalised by its maximum.

