@@ -135,6 +135,11 @@ class GanSpec(_Strict):
             raise ValueError(f"expected a non-empty list of distinct bin indices >= 0, got {v}")
         return v
 
+    def options(self) -> dict:
+        """Keyword arguments of ``tasks.gan.gan_reconstruct``."""
+        return {"start": self.start, "n_iter": self.n_iter, "lr": self.lr,
+                "lam_data": self.lam_data, "channels": self.channels, "seed": self.seed}
+
 
 class ReconstructionSpec(_Strict):
     """Reconstruction of every radial bin of a slice."""

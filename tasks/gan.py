@@ -9,8 +9,10 @@ a generator ``G`` maps a fixed input to an image ``x = G(input)``; a differentia
 projector ``A`` turns it into a sinogram ``A x``; a discriminator ``D`` is trained to tell
 the measured sinogram ``y`` from ``A x``, and the generator is trained on
 
-    L_G = BCE(D(A x), real) + lam_data * mean |A x - y|        (L1, GANrec; or L2)
+    L_G = lam_adv * BCE(D(A x), real) + lam_data * mean |A x - y|   (L1, GANrec; or L2)
     L_D = BCE(D(y), real) + BCE(D(A x), fake)
+
+(the sinograms in both terms divided by ``max |y|``; GANrec normalises likewise)
 
 with Adam, generator learning rate ``lr`` and discriminator ``lr * d_lr_ratio`` (GANrec's
 ``GANtomo`` defaults: ``l1_ratio = 100``, g 1e-3, d 1e-5). Both networks are fitted to the
@@ -27,7 +29,18 @@ Two generator inputs (``start``):
 * ``"fbp"`` (Butler, Dong, Vamvakeros, Jacques, AI3SD report on learned XRD-CT
   reconstruction): the FBP image through a small two-level U-Net whose output is *added*
   to the FBP image (residual learning; the last layer starts at zero, so iteration 0 is
-  the non-negative FBP image).
+  the FBP image through the output non-linearity).
+
+Non-negativity: the output goes through ``softplus(beta = 50)`` in units of the 99.5th
+percentile of the FBP image (a ReLU output that hits 0 everywhere loses its gradient for
+good); a zero pixel therefore reads about 1.4 % of that percentile. Pixels outside the
+reconstruction circle are 0, as :func:`tasks.reconstruct.fbp` with ``circle=True``.
+If the adversarial game diverges (the final data residual over twice the lowest seen),
+the image of lowest residual is returned and ``info["diverged"]`` says so.
+
+Limits (measured by ``benchmarks/bench_gan.py`` and tests/test_gan.py): nothing stops
+the fit at the noise level, so with strong noise longer runs fit the noise (``n_iter`` is
+the regularisation knob); the sinogram start varies by about +-1 dB with the seed.
 
 Sizes are shrunk from GANrec so that a 64 x 64, 90-angle slice takes seconds per few hundred
 iterations on one CPU core (``benchmarks/bench_gan.py`` prints the measured time).

@@ -180,6 +180,12 @@ def test_gan_spec():
     assert spec.reconstruction.method == "gan"
     assert spec.reconstruction.gan.start == "sinogram" and spec.reconstruction.gan.channels == [3, 1]
     assert parse_spec({}).reconstruction.gan.n_iter == 300
+    # the options are gan_reconstruct's keywords
+    truth = shapes(16)
+    sino, ang = noisy_sino(truth, 8, 0.0)
+    opts = parse_spec({"reconstruction": {"gan": {"n_iter": 2}}}).reconstruction.gan.options()
+    img, info = gan_reconstruct(sino, ang, **opts)
+    assert img.shape == (16, 16) and info["n_iter"] == 2
     for bad in ({"start": "noise"}, {"n_iter": 0}, {"lr": 0}, {"channels": []},
                 {"channels": [1, 1]}, {"lam": 1}):
         with pytest.raises(SpecError, match="reconstruction.gan"):
