@@ -64,7 +64,7 @@ def test_gan_fbp_start_beats_fbp_at_quarter_angles(quarter):
     assert len(res) == 151 and info["iterations"] == [150] and len(info["seconds"]) == 1
     assert info["diverged"] == [False]
     p_fbp, p_gan = psnr(f, truth), psnr(img, truth)
-    # measured 20.8 dB (FBP) -> 22.9 dB (GAN, start=fbp)
+    # measured 20.8 dB (FBP) -> 22.9 dB (GAN, start=fbp; 22.90-22.95 dB for seeds 0-2)
     assert p_gan > p_fbp + 1.5, (p_fbp, p_gan)
 
 
