@@ -143,16 +143,44 @@ class IterativeSpec(_Strict):
         return out
 
 
+class GanSpec(_Strict):
+    """Self-supervised GAN reconstruction (``reconstruction.method: gan``; tasks.gan,
+    GANrec of Yang et al. 2020). Nothing is trained beforehand; ``n_iter`` Adam steps per
+    channel fit the networks to each slice."""
+
+    start: Literal["fbp", "sinogram"] = Field(
+        default="fbp", description="generator input: the FBP image (residual) or the sinogram")
+    n_iter: int = Field(default=300, ge=1, le=100_000)
+    lr: float = Field(default=1e-3, gt=0, le=1.0, description="generator learning rate (Adam)")
+    lam_data: float = Field(default=100.0, ge=0, description="weight of the L1 data term")
+    channels: list[int] | None = Field(
+        default=None, description="radial-bin indices to reconstruct (None = all bins)")
+    seed: int = Field(default=0, ge=0, description="network initialisation seed")
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v):
+        if v is not None and (not v or min(v) < 0 or len(set(v)) != len(v)):
+            raise ValueError(f"expected a non-empty list of distinct bin indices >= 0, got {v}")
+        return v
+
+    def options(self) -> dict:
+        """Keyword arguments of ``tasks.gan.gan_reconstruct``."""
+        return {"start": self.start, "n_iter": self.n_iter, "lr": self.lr,
+                "lam_data": self.lam_data, "channels": self.channels, "seed": self.seed}
+
+
 class ReconstructionSpec(_Strict):
     """Reconstruction of every radial bin of a slice."""
 
     enabled: bool = True
-    method: Literal["fbp", "sirt", "cgls", "tv"] = "fbp"
+    method: Literal["fbp", "sirt", "cgls", "tv", "gan"] = "fbp"
     backend: Literal["auto", "numpy", "astra", "tomopy"] = "numpy"
     filter: Literal["ramp", "shepp-logan", "hann"] = "ramp"
     clip_negative: bool = False
     circle: bool = True
     iterative: IterativeSpec = Field(default_factory=IterativeSpec)
+    gan: GanSpec = Field(default_factory=GanSpec)
 
 
 class PhaseSpec(_Strict):
