@@ -403,23 +403,95 @@ class SliceCheckpoints:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _SliceReconstructor:
+    """The spec's reconstruction method for one slice of every radial bin at once.
+
+    ``fbp`` (tasks.reconstruct), ``sirt``/``cgls``/``tv`` (tasks.iterative, one projector
+    matrix built for all slices), ``gan`` (tasks.gan; the spec's channels, the other bins
+    keep their FBP), ``cnn`` (tasks.cnn; the promoted or named model from the catalog, FBP
+    with a warning for a slice unlike the training library). ``notes`` collects what the
+    product's provenance records (channels, fallbacks, model).
+    """
+
+    def __init__(self, req: Request, angles, n_translation: int, on_gpu: bool):
+        self.req, self.r, self.angles, self.nt, self.on_gpu = req, req.spec.reconstruction, angles, n_translation, on_gpu
+        self.device = "cuda" if on_gpu else "cpu"
+        self.notes: dict = {"method": self.r.method}
+        self._projector = None
+        self._model = None
+
+    def fbp(self, s):
+        from tasks._xp import to_numpy
+        from tasks.reconstruct import fbp
+
+        r = self.r
+        if self.on_gpu:
+            import cupy
+
+            s = cupy.asarray(s)
+        return to_numpy(fbp(s, self.angles, filter=r.filter, circle=r.circle,
+                            clip_negative=r.clip_negative, backend=r.backend))
+
+    def __call__(self, s, iz: int):
+        r = self.r
+        if r.method == "fbp":
+            return self.fbp(s)
+        if r.method in ("sirt", "cgls", "tv"):
+            from tasks.iterative import reconstruct
+            from tasks.projector import Projector
+
+            if self._projector is None:
+                self._projector = Projector(self.angles, self.nt, backend="torch", device=self.device)
+            opts = r.iterative.options(r.method)
+            if r.method == "tv":
+                opts["device"] = self.device
+            vol = reconstruct(s, self.angles, r.method, projector=self._projector, **opts)
+        elif r.method == "gan":
+            from tasks.gan import gan_reconstruct
+
+            opts = r.gan.options()
+            nb = s.shape[-1]
+            chans = list(range(nb)) if opts["channels"] is None else opts["channels"]
+            bad = [c for c in chans if c >= nb]
+            if bad:
+                raise SpecError(f"reconstruction.gan.channels: bins {bad} do not exist; the "
+                                f"sinogram has {nb} radial bins (0..{nb - 1})")
+            vol = self.fbp(s) if len(chans) < nb else np.zeros((self.nt, self.nt, nb), np.float32)
+            img, info = gan_reconstruct(s, self.angles, device=self.device, **{**opts, "channels": chans})
+            vol[:, :, chans] = img.reshape(self.nt, self.nt, len(chans))
+            self.notes.setdefault("gan_channels", chans)
+            self.notes.setdefault("gan_seconds_per_slice", []).append(float(np.sum(info["seconds"])))
+        elif r.method == "cnn":
+            vol = self._cnn(s, iz)
+        else:  # pragma: no cover - the spec's Literal lists the methods
+            raise SpecError(f"reconstruction.method {r.method!r} unknown")
+        if r.circle:
+            from tasks.reconstruct import circle_mask
+
+            vol = vol * circle_mask(self.nt)[:, :, None]
+        if r.clip_negative:
+            vol = np.maximum(vol, 0)
+        return np.asarray(vol, np.float32)
+
+    def _cnn(self, s, iz):
+        raise SpecError("reconstruction.method 'cnn' is not available in this build")
+
+
 def stage_reconstruct(req: Request) -> dict:
-    """FBP of every radial bin of every slice in one batched call per slice.
+    """Reconstruction of every radial bin of every slice, one batched call per slice, by
+    the spec's method (:class:`_SliceReconstructor`).
 
     Slices are kept as they finish (:class:`SliceCheckpoints`); a slice that fails raises
     :class:`ProcessingError` naming it, and a retry recomputes only the slices not kept.
     """
     import xarray as xr
 
-    from tasks._xp import resolve_backend, to_numpy
-    from tasks.reconstruct import fbp
+    from tasks._xp import resolve_backend
 
     spec = req.spec
     r = spec.reconstruction
     # the batched FBP runs cupy arrays as they are (astra/tomopy take numpy)
     on_gpu = resolve_backend(spec.backend) == "gpu" and r.backend in ("numpy", "auto")
-    if on_gpu:
-        import cupy
     t0 = time.perf_counter()
     ds = store.open_product(req.work)
     sino = ds["sinogram"]
@@ -429,20 +501,23 @@ def stage_reconstruct(req: Request) -> dict:
     dims = ("z", "y", "x", "radial")
     store.write_variables(req.work, xr.Dataset(
         {"volume": (dims, store.lazy_zeros(dims, (nz, n, n, sino.sizes["radial"])),
-                    {"long_name": f"reconstructed intensity ({r.method}, {r.filter} filter)",
+                    {"long_name": f"reconstructed intensity ({r.method}"
+                              f"{', ' + r.filter + ' filter' if r.method == 'fbp' else ''})",
                      "units": "counts / monitor / pixel"})},
         coords={"y": ("y", _coords_xy(n, step), {"units": "mm"}),
                 "x": ("x", _coords_xy(n, step), {"units": "mm"})}),
         level=spec.output.compressor_level)
     kept = SliceCheckpoints(req, "reconstruct")
+    recon = _SliceReconstructor(req, angles, n, on_gpu)
     reused = 0
     for iz in range(nz):  # one slice in memory at a time, written as it is done
         vol = kept.load(iz)
         if vol is None:
             s = np.asarray(sino.isel(z=iz).values, np.float32)
             try:
-                vol = to_numpy(fbp(cupy.asarray(s) if on_gpu else s, angles, filter=r.filter,
-                                   circle=r.circle, clip_negative=r.clip_negative, backend=r.backend))
+                vol = recon(s, iz)
+            except SpecError:
+                raise
             except Exception as err:
                 z = float(ds["z"].values[iz])
                 raise ProcessingError(
@@ -458,7 +533,8 @@ def stage_reconstruct(req: Request) -> dict:
     kept.clear()
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "reconstruct": dt}})
-    return {"seconds": dt, "slices_reused": reused}
+    notes = {k: v for k, v in recon.notes.items() if not k.endswith("_per_slice")}
+    return {"seconds": dt, "slices_reused": reused, **notes}
 
 
 def _map_slice(vol, sigma, mask, phases, refs, radial, unit, wl, m) -> tuple[dict, np.ndarray, np.ndarray]:
