@@ -361,3 +361,65 @@ def get_flows() -> dict:
 
         _FLOWS = {"train_model": train_model, "continual_learning": continual_learning}
     return _FLOWS
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def add_cli(sub, where) -> None:
+    """Add ``xrdct train`` and ``xrdct learn`` to the CLI's sub-parsers (``where`` adds the
+    catalog's ``--out`` / ``--url`` options)."""
+    p = sub.add_parser("train", help="train the CNN reconstruction on simulated phantoms and "
+                       "register it in the catalog")
+    p.add_argument("--name", default=DEFAULT_NAME, help="model name in the catalog")
+    p.add_argument("--size", type=int, default=32, help="image side = translations")
+    p.add_argument("--angles", type=int, default=32)
+    p.add_argument("--n-train", type=int, default=400)
+    p.add_argument("--n-held-out", type=int, default=40)
+    p.add_argument("--kind", choices=list(cnn.KINDS), default="catalyst")
+    p.add_argument("--noise", type=float, default=0.01)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=cnn.LEARNING_RATE)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--promote", choices=["if_better", "always", "never"], default="if_better")
+    where(p)
+    p.set_defaults(fn=_cmd_train)
+    p = sub.add_parser("learn", help="continual learning: retrain the promoted CNN with newly "
+                       "processed scans, promote only if the held-out error improves")
+    p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=cnn.LEARNING_RATE)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out-fraction", type=float, default=0.25)
+    p.add_argument("--bins", type=int, default=8, help="radial bins per slice taken from a scan")
+    where(p)
+    p.set_defaults(fn=_cmd_learn)
+
+
+def _report(res: dict) -> int:
+    if "version" not in res:
+        print(f"{res.get('name')}: {res['status']}")
+        return 0
+    m = res["metrics"]
+    inc = m.get("incumbent") or {}
+    inc_txt = (f"; promoted v{inc['version']} held-out RMSE {inc['held_out']['rmse']:.4f}"
+               if "held_out" in inc else "")
+    print(f"{res['name']} v{res['version']}: held-out RMSE {m['held_out']['rmse']:.4f}, PSNR "
+          f"{m['held_out']['psnr_db']:.2f} dB{inc_txt} -> "
+          f"{'promoted' if res['promoted'] else 'not promoted'}\n  {res['path']}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    return _report(train_model_run(name=args.name, out=args.out, catalog_url=args.url,
+                                   n_train=args.n_train, n_held_out=args.n_held_out,
+                                   size=args.size, n_angle=args.angles, kind=args.kind,
+                                   noise=args.noise, epochs=args.epochs, lr=args.lr,
+                                   seed=args.seed, promote=args.promote))
+
+
+def _cmd_learn(args) -> int:
+    return _report(continual_learning_run(name=args.name, out=args.out, catalog_url=args.url,
+                                          epochs=args.epochs, lr=args.lr, seed=args.seed,
+                                          held_out_fraction=args.held_out_fraction,
+                                          n_bins=args.bins))

@@ -32,13 +32,16 @@ so the reconstruction is linear in the intensity scale of the input, as FBP is.
 Out of distribution
 -------------------
 The AI3SD report shows the failure of a CNN trained on catalyst-like images when it meets
-random shapes. :func:`ood_score` embeds a sinogram with the trained encoder (the flattened
-output of the four strided convolutions, standardised per feature with the training
-set's mean and spread) and returns the mean distance to its ``k`` nearest training
-embeddings. The threshold is a quantile (default 0.99) of the same distance of every
-training embedding to its ``k`` nearest *other* training embeddings (leave-one-out), so
-about 1 % of in-distribution inputs are flagged by construction.
-:func:`reconstruct` falls back to FBP, with a warning, for inputs beyond it.
+random shapes. :func:`ood_score` embeds a sinogram in two parts -- the trained encoder's
+bottleneck features (the flattened output of the four strided convolutions) and the log
+power spectrum of the normalised sinogram along translation, averaged over angles (its
+texture: many small particles put power at high spatial frequencies, large shapes do not)
+-- standardised per feature with the training set's mean and spread, and returns the mean
+distance to its ``k`` nearest training embeddings. The threshold is a quantile (default
+0.99) of the same distance of every training embedding to its ``k`` nearest *other*
+training embeddings (leave-one-out), so about 1 % of in-distribution inputs are flagged by
+construction. :func:`reconstruct` falls back to FBP, with a warning, beyond it (and for
+another geometry or angle set than the model's).
 
 Models are artefacts: :func:`save_model` writes the weights with ``torch.save`` of a
 state dict plus a JSON sidecar (architecture, angles, OOD settings, training provenance,

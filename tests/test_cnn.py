@@ -175,3 +175,28 @@ def test_library_pairs_match_radon_and_procedural_fallback():
     assert all(ndimage.label(im > 1e-3)[1] >= 12 for im in lib.images)
     assert lib.checksum() == cnn.build_library(3, 32, 12, seed=4, source="procedural").checksum()
     assert lib.checksum() != cnn.build_library(3, 32, 12, seed=5, source="procedural").checksum()
+
+
+def test_spec_accepts_the_cnn_method():
+    from pipelines.spec import SpecError, parse_spec
+
+    spec = parse_spec({"reconstruction": {"method": "cnn", "cnn": {"model": "cnn-cat",
+                                                                    "ood_threshold": 2.5}}})
+    assert spec.reconstruction.method == "cnn"
+    assert spec.reconstruction.cnn.fallback == "fbp" and spec.reconstruction.cnn.version is None
+    with pytest.raises(SpecError, match="fallback"):
+        parse_spec({"reconstruction": {"cnn": {"fallback": "guess"}}})
+
+
+@pytest.mark.gpu
+def test_gpu_predict_and_training_match_cpu(model, held, tmp_path):
+    """The same weights on the GPU give the CPU's images (float32 tolerance); training
+    runs on the GPU."""
+    path = tmp_path / "m.pt"
+    cnn.save_model(model, path)
+    gpu = cnn.load_model(path, device="cuda")
+    stack = _stack(held)
+    np.testing.assert_allclose(cnn.predict(gpu, stack), cnn.predict(model, stack), rtol=1e-3,
+                               atol=1e-3 * float(np.abs(held.images).max()))
+    m = cnn.train(library("catalyst", 64, 0), epochs=2, seed=0, device="cuda", arch=model.arch)
+    assert m.device.type == "cuda" and np.isfinite(m.metrics["val_rmse"])

@@ -142,3 +142,20 @@ def test_add_pairs_from_product_and_resampling(tmp_path):
 
     with pytest.raises(cnn.CnnError, match="product_store"):
         cnn.add_pairs_from_product(base, tmp_path / "missing.zarr")
+
+
+def test_cli_train_and_learn(tmp_path, capsys):
+    from flows.cli import main
+
+    torch_one_thread()
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    assert main(["train", "--size", "16", "--angles", "8", "--n-train", "16", "--n-held-out", "4",
+                 "--epochs", "1", "--url", url, "--name", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny v1" in out and "promoted" in out
+    assert main(["learn", "--url", url, "--name", "tiny"]) == 0
+    assert "no new scans" in capsys.readouterr().out
+    assert main(["learn", "--url", url, "--name", "absent"]) == 0
+    assert "no promoted model" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--kind", "cats", "--url", url])
