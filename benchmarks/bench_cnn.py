@@ -12,12 +12,13 @@ per slice (one sinogram; and per slice of --bins bins, batched), and training ti
 the CPU (torch threads as given by --threads).
 
 Run:  python benchmarks/bench_cnn.py [--size 32] [--n-train 1500] [--epochs 25]
-      [--lr 1e-3] [--threads 1] [--device cpu]
+      [--lr 1e-3] [--threads 1] [--device cpu] [--arch JSON]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fractions", default="1,2,4", help="angle divisors (1 = full)")
+    ap.add_argument("--arch", default=None, help='network widths as JSON, e.g. '
+                    '\'{"dense": 256, "n_dense": 1, "refine": 8}\' (default tasks.cnn.DEFAULT_ARCH)')
     args = ap.parse_args(argv)
 
     import torch
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
         na = max(2, n // div)
         lib = cnn.build_library(args.n_train, n, na, kind="catalyst", seed=0, noise=args.noise)
         t0 = time.perf_counter()
-        model = cnn.train(lib, epochs=args.epochs, lr=args.lr, seed=0, device=args.device)
+        model = cnn.train(lib, epochs=args.epochs, lr=args.lr, seed=0, device=args.device,
+                          arch=json.loads(args.arch) if args.arch else None)
         t_train = time.perf_counter() - t0
         model.net.to("cpu")
         sets = {"catalyst (held out)": cnn.build_library(args.n_test, n, na, kind="catalyst",
@@ -99,7 +103,8 @@ def main(argv=None) -> int:
               f"val RMSE {model.metrics['val_rmse']:.3f}, {t_train:.0f} s", flush=True)
 
     print(f"\nCNN vs FBP, {n} px, {args.n_train} training pairs, {args.epochs} epochs, lr {args.lr:g}, "
-          f"noise {args.noise:g}, torch threads {args.threads}, device {args.device}")
+          f"noise {args.noise:g}, arch {json.dumps(model.arch)}, torch threads {args.threads}, "
+          f"device {args.device}")
     hdr = ("angles", "n", "phantoms", "FBP PSNR", "FBP SSIM", "CNN PSNR", "CNN SSIM", "OOD flagged",
            "FBP s/slice", "CNN s/slice", f"FBP s/{args.bins} bins", f"CNN s/{args.bins} bins",
            "train s")

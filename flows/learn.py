@@ -214,7 +214,12 @@ def _product_pairs(lib_like: cnn.Library, products: list, n_bins: int) -> cnn.Li
         base = cnn.Library(np.zeros((0,) + lib_like.sinograms.shape[1:], np.float32),
                            np.zeros((0,) + lib_like.images.shape[1:], np.float32),
                            lib_like.angles_deg)
-        part = cnn.add_pairs_from_product(base, p.location, n_bins=n_bins, product_id=p.id)
+        try:
+            part = cnn.add_pairs_from_product(base, p.location, n_bins=n_bins, product_id=p.id)
+        except cnn.CnnError as err:      # an unreadable or empty product: skipped, said so
+            warnings.warn(f"continual_learning: product {p.id} skipped: {err}", RuntimeWarning,
+                          stacklevel=2)
+            continue
         out = part if out is None else out.extend(part)
     return out
 

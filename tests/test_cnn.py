@@ -3,7 +3,9 @@ the out-of-distribution check of the AI3SD report's failure case, the FBP fallba
 the model artefact round trip.
 
 One tiny model (32 px, 32 angles, 300 catalyst-like pairs, 12 epochs; tests/cnn_helpers.py)
-is trained once per session. Numbers measured with it (seed 0, CPU): held-out
+is trained once per session, on phantoms cut from the nDTomo catalyst image
+(../shared/data/real; the two accuracy tests skip without it). Numbers measured with it
+(seed 0, CPU): held-out
 catalyst-like PSNR 16.9 dB (untrained network 13.0 dB); OOD threshold ~12.8 with held-out
 catalyst-like scores <= 0.92 x threshold and random-shape scores >= 1.25 x threshold; CNN
 relative error / FBP relative error: 2.3 on catalyst-like, 4.6 on random shapes.
@@ -40,12 +42,22 @@ def _stack(lib):
     return np.moveaxis(lib.sinograms, 0, -1)     # (n_angle, n, N): the pairs as bins
 
 
+def _needs_catalyst_images(real):
+    """The numbers below were measured on phantoms cut from the nDTomo catalyst image; with
+    the procedural fallback they differ (measured: PSNR 15.9 dB vs 13.1 dB untrained, 3 of
+    24 random shapes under the OOD threshold), so these tests need the image."""
+    real("ndtomo_images", "catalyst_particles_medium.tif")
+
+
 def _fbp_rel_error(lib):
     f = np.moveaxis(fbp(_stack(lib), lib.angles_deg), -1, 0)
     return float(np.mean([np.linalg.norm(a - g) / np.linalg.norm(g) for a, g in zip(f, lib.images)]))
 
 
-def test_trained_cnn_beats_untrained_and_reaches_psnr(model, held):
+@pytest.mark.slow
+@pytest.mark.real
+def test_trained_cnn_beats_untrained_and_reaches_psnr(model, held, real):
+    _needs_catalyst_images(real)
     ev = cnn.evaluate(model, held)
     untrained = cnn.train(library("catalyst", 300, 0), epochs=0, seed=0, arch=model.arch)
     ev0 = cnn.evaluate(untrained, held)
@@ -57,7 +69,10 @@ def test_trained_cnn_beats_untrained_and_reaches_psnr(model, held):
     assert model.metrics["val_rmse"] < model.metrics["history"][0]["val_rmse"]
 
 
-def test_ood_flags_random_shapes_and_passes_held_out_catalyst(model, held, shapes):
+@pytest.mark.slow
+@pytest.mark.real
+def test_ood_flags_random_shapes_and_passes_held_out_catalyst(model, held, shapes, real):
+    _needs_catalyst_images(real)
     thr = model.ood["threshold"]
     s_in = cnn.ood_score(model, _stack(held))
     s_out = cnn.ood_score(model, _stack(shapes))
@@ -77,9 +92,10 @@ def test_ood_flags_random_shapes_and_passes_held_out_catalyst(model, held, shape
     assert e_out["rmse"] > 1.3 * e_in["rmse"]
 
 
+@pytest.mark.slow
 def test_reconstruct_falls_back_to_fbp_with_warning(model, held, shapes):
     ang = model.angles_deg
-    s_ood = shapes.sinograms[0]
+    s_ood = shapes.sinograms[int(np.argmax(cnn.ood_score(model, _stack(shapes))))]
     with pytest.warns(cnn.OutOfDistributionWarning, match=r"score .* > threshold"):
         img, info = cnn.reconstruct(s_ood, ang, model)
     assert info["method"] == "fbp" and info["score"] > info["threshold"]
@@ -107,6 +123,7 @@ def test_reconstruct_falls_back_to_fbp_with_warning(model, held, shapes):
     assert out40.shape == (40, 40)
 
 
+@pytest.mark.slow
 def test_predict_orientation_scale_and_bins(model, held):
     s = held.sinograms[:3]
     stack = np.moveaxis(s, 0, -1)
@@ -128,6 +145,7 @@ def test_predict_orientation_scale_and_bins(model, held):
     assert np.all(cnn.predict(model, np.zeros_like(s[0])) == 0)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_weights_only(model, held, tmp_path):
     path = tmp_path / "m.pt"
     side = cnn.save_model(model, path, name="t")
@@ -150,6 +168,7 @@ def test_save_load_round_trip_weights_only(model, held, tmp_path):
         cnn.load_model(tmp_path / "absent.pt")
 
 
+@pytest.mark.slow
 def test_bad_input_names_the_argument(model):
     with pytest.raises(cnn.CnnError, match="sino"):
         cnn.predict(model, np.zeros((N_ANGLE, SIZE + 1), np.float32))

@@ -53,6 +53,7 @@ def test_catalog_models_table_postgresql(postgres_url):  # noqa: F811
     _exercise_models(postgres_url)
 
 
+@pytest.mark.slow
 def test_train_then_continual_learning(tmp_path):
     """train_model registers v1 (promoted: nothing to beat); three processed scans arrive;
     continual_learning warm-starts from v1 on library + scans and is promoted when its
