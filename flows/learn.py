@@ -28,7 +28,6 @@ sidecar ``.pt.json``.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import uuid
 import warnings
