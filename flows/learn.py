@@ -39,6 +39,7 @@ from catalog.db import Catalog
 from tasks import cnn
 
 __all__ = ["LearnError", "train_model_run", "continual_learning_run", "save_artifact",
+           "load_registered_model",
            "get_flows", "DEFAULT_NAME"]
 
 DEFAULT_NAME = "cnn"
@@ -74,6 +75,26 @@ def save_artifact(model: cnn.CnnModel, models_dir: str | Path, name: str,
     os.replace(tmp.with_name(tmp.name + ".json"), final.with_name(final.name + ".json"))
     os.replace(tmp, final)
     return final, sha
+
+
+def load_registered_model(catalog: Catalog, name: str = DEFAULT_NAME,
+                          version: int | None = None, device: str = "cpu") -> cnn.CnnModel:
+    """The promoted (or a given) version of a model from the catalog, its weights checked
+    against the SHA-256 the catalog recorded.
+
+    Raises
+    ------
+    LearnError
+        No such model, or the file's checksum differs from the catalog's.
+    """
+    row = catalog.promoted_model(name) if version is None else catalog.model(name, version)
+    if row is None:
+        which = "promoted version" if version is None else f"version {version}"
+        raise LearnError(f"model: no {which} of {name!r} in the catalog (train one: xrdct train)")
+    if not Path(row.path).is_file() or cnn.file_sha256(row.path) != row.sha256:
+        raise LearnError(f"model: {name} v{row.version} weights at {row.path} are missing or do "
+                         f"not match the catalog's SHA-256 {row.sha256}")
+    return cnn.load_model(row.path, device=device)
 
 
 def _summary(metrics: dict) -> dict:

@@ -112,6 +112,13 @@ def test_reconstruct_falls_back_to_fbp_with_warning(model, held, shapes):
         img_in, info_in = cnn.reconstruct(s_in, ang, model)
     assert info_in["method"] == "cnn"
     np.testing.assert_array_equal(img_in, cnn.predict(model, s_in))
+    # bins: a slice is out of distribution when any bin with >= 5 % of the strongest bin's
+    # intensity is; a faint out-of-distribution bin is not judged
+    s_shape = shapes.sinograms[int(np.argmax(cnn.ood_score(model, _stack(shapes))))]
+    mixed = np.stack([s_in, s_in * 0.5, s_shape], axis=-1)
+    assert cnn.is_out_of_distribution(model, mixed)[0]
+    faint = np.stack([s_in, s_in * 0.5, s_shape * 0.01 * s_in.sum() / s_shape.sum()], axis=-1)
+    assert not cnn.is_out_of_distribution(model, faint)[0]
     # other angles or another size: not the model's geometry -> FBP
     with pytest.warns(cnn.OutOfDistributionWarning, match="angles differ"):
         _, info_a = cnn.reconstruct(s_in, ang + 1.0, model)

@@ -105,8 +105,11 @@ def test_train_then_continual_learning(tmp_path):
 
     r4 = learn.continual_learning_run(name="cnn", out=out, catalog_url=url)
     assert r4["status"] == "no new scans"
-    # the promoted artefact loads and reconstructs a held-out scan's bin
-    model = cnn.load_model(cat.promoted_model("cnn").path)
+    # the promoted artefact loads (checksum checked against the catalog) and reconstructs
+    model = learn.load_registered_model(cat, "cnn")
+    assert model.provenance["weights_sha256"] == cat.promoted_model("cnn").sha256
+    with pytest.raises(learn.LearnError, match="no version 9"):
+        learn.load_registered_model(cat, "cnn", version=9)
     imgs = write_product(tmp_path / "p9.zarr", seed=999, n_bins=1)
     from tasks.reconstruct import radon
 
