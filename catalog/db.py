@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
                         create_engine, event, inspect, pool, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -89,6 +89,25 @@ class Product(Base):
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     scan: Mapped[Scan] = relationship()
     pipeline_version: Mapped[PipelineVersion] = relationship()
+
+
+class Model(Base):
+    """A trained reconstruction network: weights file, checksum, metrics and provenance.
+
+    ``(name, version)`` is unique; at most one version of a name is ``promoted`` (the one
+    the pipeline uses)."""
+
+    __tablename__ = "models"
+    __table_args__ = (Index("ix_models_name_version", "name", "version", unique=True),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    provenance: Mapped[dict] = mapped_column(JSON, default=dict)
+    promoted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -172,10 +191,11 @@ def upgrade(url: str) -> None:
             cfg = alembic_config(conn)
             if current is None:
                 insp = inspect(conn)
-                if set(Base.metadata.tables) <= set(insp.get_table_names()):
+                if set(Base.metadata.tables) - {"models"} <= set(insp.get_table_names()):
                     # a create_all database: stamp the revision whose schema it has
                     cols = {c["name"] for c in insp.get_columns("scans")}
-                    command.stamp(cfg, "0002" if "acquired" in cols else "0001")
+                    command.stamp(cfg, "0001" if "acquired" not in cols else
+                                  "0003" if "models" in insp.get_table_names() else "0002")
             command.upgrade(cfg, "head")
     finally:
         engine.dispose()
@@ -377,3 +397,102 @@ class Catalog:
             if product_id:
                 q = q.filter_by(product_id=product_id)
             return list(s.scalars(q))
+
+    # ------------------------------------------------------------------------- models
+
+    def add_model(self, *, name: str, path: str | Path, sha256: str, metrics: dict | None = None,
+                  provenance: dict | None = None, promoted: bool = False,
+                  version: int | None = None) -> int:
+        """Register a trained model's weights file.
+
+        Parameters
+        ----------
+        name : str
+            Model family (e.g. ``"cnn-catalyst-32"``).
+        path : str or Path
+            Weights file (its JSON sidecar beside it).
+        sha256 : str
+            SHA-256 of the weights file (64 hex digits).
+        metrics, provenance : dict, optional
+            JSON: evaluation numbers; library, code version, seed, training settings.
+        promoted : bool
+            Make it the promoted version of ``name`` (demoting the others).
+        version : int, optional
+            Default: one more than the newest version of ``name``.
+
+        Returns
+        -------
+        int
+            The version registered.
+
+        Raises
+        ------
+        ValueError
+            Empty name, a checksum that is not 64 hex digits, a version already taken.
+        """
+        import re
+
+        if not name:
+            raise ValueError("name: a non-empty model name is required")
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+            raise ValueError(f"sha256: expected 64 lowercase hex digits, got {sha256!r}")
+
+        def write(s):
+            from sqlalchemy import func
+
+            v = version
+            if v is None:
+                v = (s.scalar(select(func.max(Model.version)).filter_by(name=name)) or 0) + 1
+            elif s.scalars(select(Model).filter_by(name=name, version=int(v))).first() is not None:
+                raise ValueError(f"version: {name!r} version {v} is already registered")
+            if promoted:
+                for m in s.scalars(select(Model).filter_by(name=name, promoted=True)):
+                    m.promoted = False
+            s.add(Model(name=name, version=int(v), path=str(path), sha256=sha256,
+                        metrics=dict(metrics or {}), provenance=dict(provenance or {}),
+                        promoted=bool(promoted)))
+            s.flush()
+            return int(v)
+
+        return self._transaction(write)
+
+    def models(self, name: str | None = None) -> list[Model]:
+        """Registered models (of one name, or all), by name then version."""
+        with Session(self.engine) as s:
+            q = select(Model)
+            if name is not None:
+                q = q.filter_by(name=name)
+            return list(s.scalars(q.order_by(Model.name, Model.version)))
+
+    def model(self, name: str, version: int) -> Model | None:
+        """One model version, or None."""
+        with Session(self.engine) as s:
+            return s.scalars(select(Model).filter_by(name=name, version=int(version))).first()
+
+    def promoted_model(self, name: str) -> Model | None:
+        """The promoted version of ``name``, or None."""
+        with Session(self.engine) as s:
+            return s.scalars(select(Model).filter_by(name=name, promoted=True)).first()
+
+    def promote_model(self, name: str, version: int) -> None:
+        """Make ``version`` the promoted model of ``name`` (one transaction: the others are
+        demoted). Raises ValueError for an unknown version."""
+        def write(s):
+            target = s.scalars(select(Model).filter_by(name=name, version=int(version))).first()
+            if target is None:
+                raise ValueError(f"version: no model {name!r} version {version} in the catalog")
+            for m in s.scalars(select(Model).filter_by(name=name, promoted=True)):
+                m.promoted = False
+            target.promoted = True
+
+        self._transaction(write)
+
+    def update_model_metrics(self, name: str, version: int, metrics: dict) -> None:
+        """Merge ``metrics`` into a model's recorded metrics."""
+        def write(s):
+            target = s.scalars(select(Model).filter_by(name=name, version=int(version))).first()
+            if target is None:
+                raise ValueError(f"version: no model {name!r} version {version} in the catalog")
+            target.metrics = {**(target.metrics or {}), **metrics}
+
+        self._transaction(write)

@@ -321,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     where(c)
     c.set_defaults(fn=cmd_catalog_add)
 
+    from flows.learn import add_cli  # xrdct train / xrdct learn (torch imported when run)
+
+    add_cli(sub, where)
+
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # the ephemeral API server's 20 s start-up limit is too short on a loaded 2-core machine

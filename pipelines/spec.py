@@ -170,17 +170,29 @@ class GanSpec(_Strict):
                 "lam_data": self.lam_data, "channels": self.channels, "seed": self.seed}
 
 
+class CnnSpec(_Strict):
+    """The learned reconstruction (``reconstruction.method: cnn``; tasks.cnn): which model of
+    the catalog, the out-of-distribution threshold and what to do beyond it."""
+
+    model: str = Field(default="cnn", min_length=1, description="model name in the catalog")
+    version: int | None = Field(default=None, ge=1, description="None = the promoted version")
+    ood_threshold: float | None = Field(default=None, gt=0,
+                                        description="override of the model's own threshold")
+    fallback: Literal["fbp", "error", "none"] = "fbp"
+
+
 class ReconstructionSpec(_Strict):
     """Reconstruction of every radial bin of a slice."""
 
     enabled: bool = True
-    method: Literal["fbp", "sirt", "cgls", "tv", "gan"] = "fbp"
+    method: Literal["fbp", "sirt", "cgls", "tv", "gan", "cnn"] = "fbp"
     backend: Literal["auto", "numpy", "astra", "tomopy"] = "numpy"
     filter: Literal["ramp", "shepp-logan", "hann"] = "ramp"
     clip_negative: bool = False
     circle: bool = True
     iterative: IterativeSpec = Field(default_factory=IterativeSpec)
     gan: GanSpec = Field(default_factory=GanSpec)
+    cnn: CnnSpec = Field(default_factory=CnnSpec)
 
 
 class PhaseSpec(_Strict):
