@@ -135,11 +135,30 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
         for i, (ph, p) in enumerate(zip(spec.mapping.phases, spec.phase_paths())):
             confine(p, f"mapping.phases[{i}].cif", extra_roots=[PIPELINES_DIR])
             calib[f"phase:{ph.name}"] = file_checksum(p)
+    r = spec.reconstruction
+    if r.enabled and r.method == "cnn":  # the model's weights are an input of the product
+        row = _cnn_model_row(out, r.cnn)
+        calib[f"model:{row.name}"] = row.sha256
     req = Request(scan=str(scan), spec_json=spec.canonical_json(), spec_base_dir=spec.base_dir,
                   poni=str(poni_p) if poni_p else None, out=str(Path(out).resolve()),
                   inputs=inputs, calibration=calib)
     req.product_id = store.product_id(req.spec_json, inputs, calib)
     return req
+
+
+def _cnn_model_row(out, c):
+    """The catalog row of the CNN model a spec asks for (``reconstruction.cnn``: name and
+    version, None = promoted) in the catalog of ``out``; SpecError naming the field when
+    there is none."""
+    from catalog.db import Catalog
+
+    cat = Catalog.for_products(out)
+    row = cat.promoted_model(c.model) if c.version is None else cat.model(c.model, c.version)
+    if row is None:
+        which = "promoted version" if c.version is None else f"version {c.version}"
+        raise SpecError(f"reconstruction.cnn.model: the catalog of {out} has no {which} of model "
+                        f"{c.model!r} (train one: xrdct train --out {out})")
+    return row
 
 
 # ----------------------------------------------------------------------------- stages
@@ -474,7 +493,34 @@ class _SliceReconstructor:
         return np.asarray(vol, np.float32)
 
     def _cnn(self, s, iz):
-        raise SpecError("reconstruction.method 'cnn' is not available in this build")
+        import warnings
+
+        from catalog.db import Catalog
+        from flows.learn import load_registered_model
+        from tasks.cnn import OutOfDistributionWarning, reconstruct
+
+        c = self.r.cnn
+        if self._model is None:
+            sha = self.req.calibration.get(f"model:{c.model}")
+            rows = [m for m in Catalog.for_products(self.req.out).models(c.model) if m.sha256 == sha]
+            if not rows:
+                raise SpecError(f"reconstruction.cnn.model: model {c.model!r} with SHA-256 {sha} "
+                                f"(the one this product was requested with) is no longer in the "
+                                f"catalog of {self.req.out}")
+            self._model = load_registered_model(Catalog.for_products(self.req.out), c.model,
+                                                rows[0].version, device=self.device)
+            self.notes.update(cnn_model=c.model, cnn_version=int(rows[0].version), cnn_sha256=sha)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OutOfDistributionWarning)
+            vol, info = reconstruct(s, self.angles, self._model, fallback=c.fallback,
+                                    threshold=c.ood_threshold, filter=self.r.filter)
+        for w in caught:  # shown in the flow's log, and recorded in the product
+            _log_info(f"slice {iz}: {w.message}")
+            warnings.warn(f"slice {iz}: {w.message}", w.category, stacklevel=2)
+        if info.get("method") == "fbp":
+            self.notes.setdefault("cnn_fbp_fallback_slices", []).append(
+                {"slice": iz, "reason": info.get("reason", "")})
+        return vol
 
 
 def stage_reconstruct(req: Request) -> dict:

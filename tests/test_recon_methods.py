@@ -5,6 +5,8 @@ was done. The methods' own accuracy is tested in test_iterative.py and test_gan.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,84 @@ def test_method_through_the_flow(cube, tmp_path, method, section):
 def test_gan_channels_beyond_the_bins_are_named(cube, tmp_path):
     with pytest.raises(SpecError, match=r"reconstruction.gan.channels: bins \[99\] do not exist"):
         run_pipeline(cube.path, pipeline=_spec("gan", gan={"n_iter": 2, "channels": [99]}), out=tmp_path)
+
+
+# ------------------------------------------------------------------------------ cnn
+@pytest.fixture(scope="module")
+def cnn_cube(tmp_path_factory):
+    """A 32 x 32-angle cube, the tiny test model's geometry (tests/cnn_helpers.py); the
+    simulator's default phantom (large shapes) is unlike the model's catalyst library."""
+    from cnn_helpers import N_ANGLE, SIZE
+
+    cfg = SimConfig(n_translations=SIZE, n_angles=N_ANGLE, counts=2000.0, seed=5, cor_offset_px=0.0)
+    return simulate_sinogram_cube(tmp_path_factory.mktemp("cnncube") / "sino.h5", cfg,
+                                  unit="q_nm^-1", npt=6)
+
+
+def _register_model(out, seed_shift=0.0):
+    """Save the session's tiny trained model under ``out/models`` and promote it."""
+    from catalog.db import Catalog
+    from cnn_helpers import trained_model
+    from tasks import cnn
+
+    model = trained_model()
+    if seed_shift:  # a different model: perturbed weights
+        import copy
+
+        import torch
+
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in model.net.parameters():
+                p.add_(seed_shift)
+    path = Path(out) / "models" / f"cnn-{seed_shift}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    side = cnn.save_model(model, path)
+    cat = Catalog.for_products(out)
+    v = cat.add_model(name="cnn", path=path, sha256=side["weights_sha256"], promoted=False)
+    cat.promote_model("cnn", v)
+    return v
+
+
+def _cnn_spec(**cnn):
+    from cnn_helpers import SIZE
+
+    return parse_spec({"schema_version": 1, "name": "recon-cnn", "input": {"kind": "sinogram"},
+                       "sinogram": {"center": float((SIZE - 1) / 2)},
+                       "reconstruction": {"method": "cnn", "cnn": cnn},
+                       "mapping": {"enabled": False}, "output": {"overview_png": False}})
+
+
+def test_cnn_method_through_the_flow(cnn_cube, tmp_path):
+    """``method: cnn`` takes the catalog's promoted model; the model is an input of the
+    product id; a slice unlike the training library falls back to FBP with a warning that
+    the product records; ``fallback: none`` keeps the CNN result; no model -> SpecError."""
+    from flows.process import make_request
+    from tasks.cnn import OutOfDistributionWarning
+
+    out = tmp_path / "out"
+    with pytest.raises(SpecError, match=r"reconstruction.cnn.model: the catalog of .* has no "
+                                        r"promoted version of model 'cnn'"):
+        make_request(cnn_cube.path, _cnn_spec(), out=out)
+    v1 = _register_model(out)
+    id1 = make_request(cnn_cube.path, _cnn_spec(), out=out).product_id
+    with pytest.warns(OutOfDistributionWarning, match="falling back to FBP"):
+        path = run_pipeline(cnn_cube.path, pipeline=_cnn_spec(), out=out)
+    stage = store.provenance(path)["stages"]["reconstruct"]
+    assert stage["method"] == "cnn" and stage["cnn_version"] == v1
+    assert [f["slice"] for f in stage["cnn_fbp_fallback_slices"]] == [0]
+    assert "out of distribution" in stage["cnn_fbp_fallback_slices"][0]["reason"]
+    fbp_vol = store.open_product(run_pipeline(cnn_cube.path, pipeline=_spec("fbp"), out=tmp_path / "f"))["volume"].values
+    np.testing.assert_allclose(store.open_product(path)["volume"].values, fbp_vol, rtol=1e-5,
+                               atol=1e-6 * np.abs(fbp_vol).max())
+    with pytest.warns(OutOfDistributionWarning, match="CNN result returned anyway"):
+        kept = run_pipeline(cnn_cube.path, pipeline=_cnn_spec(fallback="none"), out=out)
+    vol = store.open_product(kept)["volume"].values
+    assert np.isfinite(vol).all() and not np.allclose(vol, fbp_vol, rtol=0.05)
+    assert _corr(vol[0], _truth_total(cnn_cube)) > 0.5
+    _register_model(out, seed_shift=1e-3)  # a new promoted model: a new product
+    assert make_request(cnn_cube.path, _cnn_spec(), out=out).product_id != id1
+    from catalog.db import Catalog
+
+    Catalog.for_products(out).promote_model("cnn", v1)  # the first model again: same product
+    assert make_request(cnn_cube.path, _cnn_spec(), out=out).product_id == id1
