@@ -54,10 +54,28 @@ Fit
 ---
 Levenberg-Marquardt (D. W. Marquardt, J. Soc. Ind. Appl. Math. 11 (1963) 431) with
 analytic Jacobians, vectorised over voxels: every voxel has its own damping, the normal
-equations ``J^T W J`` of a block of voxels are formed with batched matrix products and
-solved with one batched solve. Box bounds are enforced by projection (steps are clipped
-to the box; a parameter sitting on a bound with the gradient pointing outwards is held
-for that iteration). Start values: the phase scale factors and background of the exact
+equations ``J^T W J`` of a block of voxels are solved with one batched solve. Box bounds
+are enforced by projection: a parameter sitting on a bound with the gradient, or the
+step, pointing outwards is held for that iteration (projected Newton, Bertsekas 1982);
+a step is clipped to the box per parameter or shortened to the first bound it meets,
+whichever the quadratic model expects to gain more. Damping follows H. B. Nielsen
+(IMM-REP-1999-05): after an accepted step ``lam * max(1/3, 1 - (2 rho - 1)^3)`` with
+``rho`` the actual over the predicted chi^2 gain, after a rejected one ``lam * nu`` with
+``nu`` doubling; a rejected step is first retried at the minimiser of the parabola
+through chi^2 and its slope at the start and chi^2 at the rejected point (safeguarded to
+0.1 .. 0.5 of the step). A voxel stops when its Gauss-Newton decrement ``g^T A^-1 g`` (the
+chi^2 a full step could still gain) or an accepted step's gain falls below
+``max(ftol chi^2, dchi2 chi^2_red)``, when a rejected step expected less than 5 times
+that (chi^2 is rough at about that level where window edges cross bin edges), or when
+steps fall below ``xtol`` or the statistical resolution.
+
+Engines: ``engine="numba"`` (the default for numpy input) computes the model, the
+Jacobian and ``J^T W J``, ``J^T W r``, chi^2 of each voxel in one fused CPU kernel
+(:mod:`tasks._refine_nb`; each reflection over its window's bins only, the profile CDF
+from a cubic Hermite table, accurate to 4e-14); ``engine="numpy"`` runs the array code
+of :func:`evaluate` with batched matrix products (numpy, or cupy on the GPU);
+``"numba-exact"`` is the kernel with ``erf``/``atan``/``exp`` instead of the table. The
+LM iteration is the same code for all. Start values: the phase scale factors and background of the exact
 batched NNLS :func:`tasks.rietveld.fit_scales` on the reference patterns; a phase with
 zero start scale keeps its lattice, size and strain fixed (they are undetermined).
 Standard deviations come from the covariance at the solution,
@@ -565,7 +583,7 @@ def _numba_kernels():
 
 
 def _engine(engine, xp) -> str:
-    """Resolve ``engine`` ("auto", "numba", "numpy" or None) for arrays of module ``xp``."""
+    """Resolve ``engine`` (one of ``ENGINES`` or None) for arrays of module ``xp``."""
     e = "auto" if engine is None else engine
     if e not in ENGINES:
         raise RefineError(f"engine: expected one of {ENGINES}, got {engine!r}")
@@ -578,7 +596,6 @@ def _engine(engine, xp) -> str:
         if _numba_kernels() is None:
             raise RefineError("engine: 'numba' requested but numba does not import")
     return e
-
 
 
 def evaluate(model: RefineModel, x, *, jacobian: bool = False, per_phase: bool = False,
@@ -597,10 +614,12 @@ def evaluate(model: RefineModel, x, *, jacobian: bool = False, per_phase: bool =
     per_phase : bool
         Return the per-phase contributions (V, n_phase, n) instead of the model (no
         background), for plots and start values (always the numpy/cupy code).
-    engine : {"auto", "numba", "numpy"} or None
-        ``"numba"``: the fused CPU kernel of :mod:`tasks._refine_nb` (numpy input only);
-        ``"numpy"``: the array code below (numpy or cupy); ``"auto"``/None: numba for
-        numpy arrays when numba imports, else the array code.
+    engine : {"auto", "numba", "numba-exact", "numpy"} or None
+        ``"numba"``: the fused CPU kernel of :mod:`tasks._refine_nb` (numpy input only;
+        profile CDF from a table, see :meth:`RefineModel.numba_arrays`);
+        ``"numba-exact"``: the same with ``erf``/``atan``/``exp``; ``"numpy"``: the array
+        code below (numpy or cupy); ``"auto"``/None: numba for numpy arrays when numba
+        imports, else the array code.
 
     Returns
     -------
@@ -916,17 +935,21 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
     lambda0 : float
         Initial Marquardt damping.
     threads : int or None
-        numpy only: blocks of voxels refined in parallel threads (default: all cores).
+        numpy input: blocks of voxels refined in parallel threads (default: all cores).
         Small batched matrix products are fastest with a single-threaded BLAS
         (``OPENBLAS_NUM_THREADS=1``), measured 40x faster on a loaded 2-core machine.
         The numba engine runs its blocks in the same threads (its kernel releases the
         GIL), with blocks of at most ``ceil(voxels / threads)`` so every thread has one.
-    engine : {"auto", "numba", "numpy"} or None
+    engine : {"auto", "numba", "numba-exact", "numpy"} or None
         How the model, Jacobian and normal equations are computed: ``"numba"``, one fused
-        CPU kernel per block of voxels (:mod:`tasks._refine_nb`, numpy input only);
+        CPU kernel per block of voxels (:mod:`tasks._refine_nb`, numpy input only;
+        ``"numba-exact"`` without the profile table, see :func:`evaluate`);
         ``"numpy"``, the array code of :func:`evaluate` (numpy or cupy) with batched
         matrix products; ``"auto"``/None: numba for numpy input when numba imports. The
-        Levenberg-Marquardt iteration is the same code for both.
+        Levenberg-Marquardt iteration is the same code for all.
+    newton_stop : bool
+        Stop a voxel once its Gauss-Newton decrement is below the chi^2 tolerance (see
+        the module notes); False keeps iterating until a step meets another criterion.
 
     Returns
     -------
