@@ -1063,11 +1063,11 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
             gv = xp.matmul(Jw, rv[:, :, None])[:, :, 0]          # (v, P)
             return rv, xp.sum(wv * rv * rv, axis=1), Av, gv
 
-        wb = xp.broadcast_to(w, (Vc, n))
-        r, chi, A, g = normal_eq(x, y, wb)
+        r, chi, A, g = normal_eq(x, y, w)
         lam = xp.full(Vc, float(lambda0))
         nu = xp.full(Vc, 2.0)
         bt = xp.zeros(Vc, dtype=bool)                             # next trial: backtrack
+        fresh = xp.ones(Vc, dtype=bool)                           # moved since last tested
         bt_t = xp.zeros(Vc)
         bt_dd = xp.zeros((Vc, P))
         active = xp.ones(Vc, dtype=bool)
@@ -1087,10 +1087,14 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
                 # Newton decrement g^T A^-1 g over the free parameters: the chi^2 a full
                 # Gauss-Newton step would gain. At or below the chi^2 tolerance (as for
                 # an accepted step's gain, below) the voxel is at its minimum and needs
-                # no further model evaluation.
-                d0, h0 = _held_step(xp, Aa, ga0, hold, dg, None, xa, lo, hi, eye)
-                dec = xp.sum(xp.where(h0, 0.0, ga0) * d0, axis=1)
-                at_min = dec <= xp.maximum(ftol * chi[a], dchi2 * chi[a] / max(n - P, 1))
+                # no further model evaluation. (After a rejected step x, A and g are
+                # unchanged, so is the decrement: only voxels that moved are tested.)
+                kf = xp.nonzero(fresh[a])[0]
+                at_min = xp.zeros(a.shape[0], dtype=bool)
+                if kf.shape[0]:
+                    d0, h0 = _held_step(xp, Aa[kf], ga0[kf], hold[kf], dg[kf], None, xa[kf], lo, hi, eye)
+                    dec = xp.sum(xp.where(h0, 0.0, ga0[kf]) * d0, axis=1)
+                    at_min[kf] = dec <= xp.maximum(ftol * chi[a[kf]], dchi2 * chi[a[kf]] / max(n - P, 1))
                 if bool(xp.any(at_min)):
                     active[a[at_min]] = False
                     k_ = xp.nonzero(~at_min)[0]
@@ -1115,7 +1119,7 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
             # through chi^2(0), its slope and chi^2(1) along that step instead
             btv = bt[a]
             xt = xp.where(btv[:, None], xa + bt_t[a][:, None] * bt_dd[a], xt)
-            rt, chit, At, gt = normal_eq(xt, y[a], wb[a])
+            rt, chit, At, gt = normal_eq(xt, y[a], w if shared else w[a])
             chi_old = chi[a]
             better = chit <= chi_old
             dd = xt - xa
@@ -1134,6 +1138,7 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
             lam[acc] = xp.maximum(lam[acc] * fac[better], 1e-12)
             nu[acc] = 2.0
             bt[acc] = False
+            fresh[a] = better
             rej = a[~better]
             lam[rej] = lam[rej] * nu[rej]
             nu[rej] = nu[rej] * 2.0
