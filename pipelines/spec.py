@@ -192,7 +192,9 @@ class MappingSpec(_Strict):
 class SuperResolutionSpec(_Strict):
     """Super-resolution of the per-phase chemical maps (tasks.superres).
 
-    ``method`` ``dual`` needs ``guide``: ``from_data`` (the total-scattering image of the
+    ``method``: ``bilinear``/``bicubic`` interpolation, ``guided`` (guided-filter
+    upsampling, no training) or a ``single``/``dual``-input network. ``guided`` and
+    ``dual`` need ``guide``: ``from_data`` (the total-scattering image of the
     reconstructed volume, :func:`tasks.superres.absorption_from_xrdct`; on the
     reconstruction grid, so it adds no detail finer than the chemical maps) or the path of
     a TIFF/HDF5 absorption-contrast (micro-CT) image registered to the slice at ``factor``
