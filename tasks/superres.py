@@ -411,6 +411,9 @@ def build_sr_library(n: int = 48, *, size: int = 128, factor: int = 4, n_phase: 
     if "catalyst" in kinds:
         paths = [Path(p) for p in images] if images is not None else sorted(
             _IMAGES_DIR.glob("catalyst_particles_*.tif")) if _IMAGES_DIR.is_dir() else []
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise SuperResolutionError(f"images: file(s) not found: {missing}")
         if paths:  # the largest holds the most detail
             paths = sorted(paths, key=lambda p: p.stat().st_size)[-1:]
             natives = [_catalyst_masses(p, n_phase) for p in paths]

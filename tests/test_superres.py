@@ -171,6 +171,10 @@ def test_library_from_catalyst_image(real):
     path = real("ndtomo_images", "catalyst_particles_small.tif")
     cat = sr.build_sr_library(3, size=64, factor=2, kinds=("catalyst",), images=[path], seed=0)
     assert len(cat) == 3 and all(p.source == "catalyst" and p.high.max() > 0 for p in cat)
+    with pytest.raises(sr.SuperResolutionError, match="images: file"):
+        sr.build_sr_library(2, size=64, factor=2, kinds=("catalyst",), images=[path.with_name("nope.tif")])
+    with pytest.raises(sr.SuperResolutionError, match="kinds: unknown"):
+        sr.build_sr_library(2, size=64, factor=2, kinds=("blobs",))
 
 
 def test_absorption_from_xrdct():
