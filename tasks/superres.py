@@ -23,11 +23,13 @@ available at a finer pixel. This module upsamples chemical images by an integer 
   model chemical = a * absorption + b fitted on the low-resolution grid and applied to
   the high-resolution guide), which the network blends with the bicubic image through a
   learned per-pixel gate (the linear model fails where a window holds more than two
-  materials) and then corrects with a learned residual. The chemical-imaging application (an XRD-CT phase map
-  super-resolved with an absorption-contrast CT image of the same slice) follows the
-  ChemISR-Net idea attributed to Vamvakeros, Jacques et al.; we could not confirm that
-  paper's bibliographic reference, so this network is *not* a reproduction of it: it
-  is a generic dual-input guided residual network, designed here.
+  materials) and then corrects with a learned residual.
+
+  The application (an XRD-CT phase map super-resolved with an absorption-contrast CT
+  image of the same slice) is the one of ChemISR-Net (Vamvakeros, Jacques et al.); its
+  bibliographic reference could not be confirmed from the sources available when this
+  was written, so it is not cited, and this network is *not* a reproduction of it: it is
+  a generic dual-input guided residual network, designed and tuned here.
 
 Networks work on normalised images: the low-resolution chemical image is divided by its
 99.9th percentile of ``|value|`` (zero stays zero: no phase), the guide is mapped to

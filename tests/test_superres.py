@@ -39,6 +39,15 @@ def nets4():
             for kind in ("single", "dual")}
 
 
+@pytest.fixture(scope="module")
+def tiny4():
+    """Briefly trained networks (not useful, but with non-trivial weights) for API tests."""
+    lib = sr.build_sr_library(4, size=64, factor=4, kinds=("random",), seed=5)
+    return {kind: sr.train_sr(lib, kind=kind, factor=4, epochs=2, seed=0, **NET)
+            for kind in ("single", "dual")}
+
+
+@pytest.mark.slow
 def test_dual_beats_single_and_bicubic_at_4x(nets4):
     scores = {m: [] for m in sr.METHODS}
     for pair in _held_out(4):
@@ -112,18 +121,18 @@ def test_interpolation_baselines_equal_references(factor):
     np.testing.assert_allclose(sr.area_downsample(sr.upscale(const, factor, method="bicubic"), factor), const, rtol=1e-6)
 
 
-def test_bad_inputs_raise_clear_errors(nets4):
+def test_bad_inputs_raise_clear_errors(tiny4):
     low = np.ones((24, 24), np.float32)
     with pytest.raises(sr.SuperResolutionError, match=r"guide: shape \(90, 96\).*expected \(96, 96\)"):
-        sr.upscale(low, 4, method="dual", model=nets4["dual"], guide=np.ones((90, 96)))
+        sr.upscale(low, 4, method="dual", model=tiny4["dual"], guide=np.ones((90, 96)))
     with pytest.raises(sr.SuperResolutionError, match="guide: method 'dual' needs"):
-        sr.upscale(low, 4, method="dual", model=nets4["dual"])
+        sr.upscale(low, 4, method="dual", model=tiny4["dual"])
     with pytest.raises(sr.SuperResolutionError, match="model: method 'single' needs"):
         sr.upscale(low, 4, method="single")
     with pytest.raises(sr.SuperResolutionError, match="'single'-input model cannot run method 'dual'"):
-        sr.upscale(low, 4, method="dual", model=nets4["single"], guide=np.ones((96, 96)))
+        sr.upscale(low, 4, method="dual", model=tiny4["single"], guide=np.ones((96, 96)))
     with pytest.raises(sr.SuperResolutionError, match="trained for factor 4, got 2"):
-        sr.upscale(low, 2, method="single", model=nets4["single"])
+        sr.upscale(low, 2, method="single", model=tiny4["single"])
     with pytest.raises(sr.SuperResolutionError, match="method: expected one of"):
         sr.upscale(low, 4, method="lanczos")
     with pytest.raises(sr.SuperResolutionError, match="factor: expected an integer"):
@@ -137,12 +146,12 @@ def test_bad_inputs_raise_clear_errors(nets4):
     assert issubclass(sr.SuperResolutionError, ValueError)
 
 
-def test_save_load_round_trip(nets4, tmp_path):
-    path = sr.save_model(nets4["dual"], tmp_path / "dual.pt")
+def test_save_load_round_trip(tiny4, tmp_path):
+    path = sr.save_model(tiny4["dual"], tmp_path / "dual.pt")
     raw = torch.load(path, weights_only=True)  # plain tensors and values only
     assert raw["config"]["kind"] == "dual" and raw["config"]["factor"] == 4
     pair = _held_out(4, size=64)[0]
-    a = sr.upscale(pair.low, 4, method="dual", model=nets4["dual"], guide=pair.guide)
+    a = sr.upscale(pair.low, 4, method="dual", model=tiny4["dual"], guide=pair.guide)
     b = sr.upscale(pair.low, 4, method="dual", model=str(path), guide=pair.guide)
     np.testing.assert_array_equal(a, b)
     bad = tmp_path / "bad.pt"
@@ -167,6 +176,7 @@ def test_library_pairs_are_consistent():
     assert {p.source for p in lib} == {"random", "shapes"}
 
 
+@pytest.mark.real
 def test_library_from_catalyst_image(real):
     path = real("ndtomo_images", "catalyst_particles_small.tif")
     cat = sr.build_sr_library(3, size=64, factor=2, kinds=("catalyst",), images=[path], seed=0)
