@@ -63,7 +63,7 @@ trained 80 epochs on 32 random 128 px phantoms; PSNR in dB on sets never trained
     catalyst phases (870)    2     40.20   43.34      41.94       43.08        41.78
     battery phases (1568)    2     28.60   31.00      29.74       30.80        29.24
 
-At 4x the guide is worth 0.8-3.5 dB over the single-input network; at 2x the two are
+At 4x the guide is worth 2.7-3.5 dB over the single-input network; at 2x the two are
 within 0.3 dB (the single network alone recovers most of what is lost). A guide on the
 chemical image's own grid (``from data``) does not match the single-input network. On
 the smooth greyscale catalyst image itself (no phases) the single network trained on
