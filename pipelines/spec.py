@@ -259,6 +259,33 @@ class MappingSpec(_Strict):
         return self
 
 
+class SuperResolutionSpec(_Strict):
+    """Super-resolution of the per-phase chemical maps (tasks.superres).
+
+    ``method``: ``bilinear``/``bicubic`` interpolation, ``guided`` (guided-filter
+    upsampling, no training) or a ``single``/``dual``-input network. ``guided`` and
+    ``dual`` need ``guide``: ``from_data`` (the total-scattering image of the
+    reconstructed volume, :func:`tasks.superres.absorption_from_xrdct`; on the
+    reconstruction grid, so it adds no detail finer than the chemical maps) or the path of
+    a TIFF/HDF5 absorption-contrast (micro-CT) image registered to the slice at ``factor``
+    times the reconstruction grid. ``single`` and ``dual`` need ``model`` (a file written
+    by :func:`tasks.superres.save_model`)."""
+
+    enabled: bool = False
+    factor: Literal[2, 4] = 2
+    method: Literal["bilinear", "bicubic", "guided", "single", "dual"] = "bicubic"
+    model: str | None = None
+    guide: str | None = Field(default=None, description='"from_data" or a TIFF/HDF5 image path')
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.enabled and self.method in ("single", "dual") and not self.model:
+            raise ValueError(f"superres.model: method {self.method!r} needs a trained model file")
+        if self.enabled and self.method in ("guided", "dual") and not self.guide:
+            raise ValueError(f'superres.guide: method {self.method!r} needs a guide ("from_data" or an image path)')
+        return self
+
+
 class OutputSpec(_Strict):
     compressor_level: int = Field(default=3, ge=1, le=22)
     overview_png: bool = True
@@ -276,6 +303,7 @@ class PipelineSpec(_Strict):
     sinogram: SinogramSpec = Field(default_factory=SinogramSpec)
     reconstruction: ReconstructionSpec = Field(default_factory=ReconstructionSpec)
     mapping: MappingSpec = Field(default_factory=lambda: MappingSpec(enabled=False))
+    superres: SuperResolutionSpec = Field(default_factory=SuperResolutionSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     # Array backend of the kernels (integration, FBP): cpu (numpy), gpu (cupy; an error
     # when no CUDA device is present) or auto (gpu when cupy imports and sees a device).
