@@ -135,6 +135,15 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
         for i, (ph, p) in enumerate(zip(spec.mapping.phases, spec.phase_paths())):
             confine(p, f"mapping.phases[{i}].cif", extra_roots=[PIPELINES_DIR])
             calib[f"phase:{ph.name}"] = file_checksum(p)
+    sr = spec.superres
+    if sr.enabled:
+        for role, name in (("model", sr.model), ("guide", None if sr.guide == "from_data" else sr.guide)):
+            if name:
+                p = spec.resolve(name)
+                if not Path(p).is_file():
+                    raise SpecError(f"superres.{role}: file {str(p)!r} not found")
+                confine(p, f"superres.{role}", extra_roots=[PIPELINES_DIR])
+                calib[f"superres_{role}"] = file_checksum(p)
     r = spec.reconstruction
     if r.enabled and r.method == "cnn":  # the model's weights are an input of the product
         row = _cnn_model_row(out, r.cnn)
@@ -681,6 +690,67 @@ def stage_mapping(req: Request) -> dict:
     return {"seconds": dt, **summary}
 
 
+def stage_superres(req: Request) -> dict:
+    """Super-resolution of the per-phase chemical maps (``scale`` and ``weight_fraction``,
+    z, phase, y, x) by the spec's factor and method (tasks.superres), slice by slice, into
+    ``scale_sr`` / ``weight_fraction_sr`` on the finer ``y_sr``, ``x_sr`` grid. The guide
+    is the slice's total-scattering image (``from_data``) or the absorption-contrast image
+    the spec names (2-D for one slice, or (z, y, x)); it must be ``factor`` times the
+    reconstruction grid (tasks.superres gives the expected shape when it is not)."""
+    import xarray as xr
+
+    from tasks.superres import absorption_from_xrdct, load_guide, load_model, upscale
+
+    spec = req.spec
+    sr = spec.superres
+    f = int(sr.factor)
+    t0 = time.perf_counter()
+    ds = store.open_product(req.work)
+    nz, ny, nx = ds.sizes["z"], ds.sizes["y"], ds.sizes["x"]
+    model = load_model(spec.resolve(sr.model)) if sr.method in ("single", "dual") else None
+    guide_img = None
+    if sr.guide and sr.guide != "from_data":
+        guide_img = load_guide(spec.resolve(sr.guide))
+        if guide_img.ndim == 2:
+            guide_img = guide_img[None]
+        if guide_img.shape[0] != nz:
+            raise SpecError(f"superres.guide: {sr.guide} holds {guide_img.shape[0]} slice(s); the "
+                            f"product has {nz} (give one image per slice, (z, y, x))")
+    step = float(ds["x"].values[1] - ds["x"].values[0]) if nx > 1 else 1.0
+
+    def fine(c):  # pixel centres of the finer grid, same field of view
+        return (c[0] - step / 2 + step / (2 * f) + np.arange(c.size * f) * step / f).astype(np.float64)
+
+    names = [v for v in ("scale", "weight_fraction") if v in ds]
+    if not names:
+        raise SpecError("superres.enabled: super-resolution works on the per-phase maps; enable "
+                        "mapping (mapping.enabled with phases)")
+    dims = ("z", "phase", "y_sr", "x_sr")
+    shape = (nz, ds.sizes["phase"], ny * f, nx * f)
+    store.write_variables(req.work, xr.Dataset(
+        {f"{v}_sr": (dims, store.lazy_zeros(dims, shape),
+                     {**ds[v].attrs, "long_name": f"{ds[v].attrs.get('long_name', v)}, "
+                                                  f"super-resolved {f}x ({sr.method})"})
+         for v in names},
+        coords={"y_sr": ("y_sr", fine(ds["y"].values), {"units": "mm"}),
+                "x_sr": ("x_sr", fine(ds["x"].values), {"units": "mm"})}),
+        level=spec.output.compressor_level)
+    for iz in range(nz):
+        guide = None
+        if sr.guide == "from_data":
+            guide = absorption_from_xrdct(np.asarray(ds["volume"].isel(z=iz).values, np.float32), factor=f)
+        elif guide_img is not None:
+            guide = guide_img[iz]
+        for v in names:
+            low = np.moveaxis(np.asarray(ds[v].isel(z=iz).values, np.float32), 0, -1)   # (y, x, phase)
+            up = upscale(np.nan_to_num(low), f, method=sr.method, model=model, guide=guide)
+            store.write_slice(req.work, f"{v}_sr", iz, np.moveaxis(up, -1, 0))
+        progress.report("superres", iz + 1, nz)
+    dt = time.perf_counter() - t0
+    store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "superres": dt}})
+    return {"seconds": dt, "factor": f, "method": sr.method, "guide": sr.guide}
+
+
 #: Provenance keys that describe one run rather than the product. They are moved out of the
 #: store before publishing (so one request gives the same bytes, made in one go or resumed
 #: after a crash) into the run record ``<out>/<product_id>.run.json`` and the catalog.
@@ -865,6 +935,7 @@ def _build_flow():
     t_sinogram = cached("sinogram", stage_sinogram)
     t_reconstruct = cached("reconstruct", stage_reconstruct, retries=1)
     t_mapping = cached("mapping", stage_mapping)
+    t_superres = cached("superres", stage_superres)
     t_publish = task(name="publish")(stage_publish)
 
     @flow(name="process_scan", log_prints=True)
@@ -896,7 +967,8 @@ def _build_flow():
         return run_pipeline(scan, poni=poni, pipeline=pipeline, out=out, dask_address=dask_address,
                             n_workers=n_workers, backend=backend, cluster=cluster,
                             stages=dict(ingest=t_ingest, integrate=t_integrate, sinogram=t_sinogram,
-                                        reconstruct=t_reconstruct, mapping=t_mapping, publish=t_publish))
+                                        reconstruct=t_reconstruct, mapping=t_mapping,
+                                        superres=t_superres, publish=t_publish))
 
     return process_scan
 
@@ -992,7 +1064,7 @@ def stage_cache_key(name: str):
     return key
 
 
-STAGES = ("ingest", "integrate", "sinogram", "reconstruct", "mapping")
+STAGES = ("ingest", "integrate", "sinogram", "reconstruct", "mapping", "superres")
 
 
 def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_address=None,
@@ -1072,6 +1144,8 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
                     info["reconstruct"] = run("reconstruct")
                 if spec.mapping.enabled and (kind == "map" or spec.reconstruction.enabled):
                     info["mapping"] = run("mapping")
+                    if spec.superres.enabled:
+                        info["superres"] = run("superres")
                 return run("publish", started, info)
         except Exception as err:
             if isinstance(err, input_errors()):
@@ -1095,7 +1169,7 @@ def input_errors() -> tuple[type[Exception], ...]:
 def plain_stages() -> dict:
     """The stages as plain (resumable) functions: what runs without Prefect."""
     fns = dict(ingest=stage_ingest, integrate=stage_integrate, sinogram=stage_sinogram,
-               reconstruct=stage_reconstruct, mapping=stage_mapping)
+               reconstruct=stage_reconstruct, mapping=stage_mapping, superres=stage_superres)
     return {**{k: resumable(k, f) for k, f in fns.items()}, "publish": stage_publish}
 
 

@@ -314,6 +314,13 @@ class PipelineSpec(_Strict):
     # The file the spec was read from, named in error messages (not serialised).
     source: str | None = Field(default=None, exclude=True)
 
+    @model_validator(mode="after")
+    def _superres_needs_maps(self):
+        if self.superres.enabled and not self.mapping.enabled:
+            raise ValueError("superres.enabled: super-resolution works on the per-phase chemical "
+                             "maps; enable mapping (mapping.enabled with phases) or disable superres")
+        return self
+
     def resolve(self, path: str | None) -> Path | None:
         """Resolve a path named in the spec: absolute, relative to the spec file, or a
         file shipped in ``pipelines/`` (``phases/...``)."""
