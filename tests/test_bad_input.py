@@ -385,9 +385,19 @@ def test_flow_under_prefect_fails_once_with_the_message(sim, tmp_path):
         with pytest.raises(err) as e:
             get_flow()(scan=str(args["scan"]), poni=str(args["poni"]), pipeline="default",
                        out=str(out))
-        r = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json={"limit": 50}, timeout=30)
-        r.raise_for_status()
-        runs = {t["name"].rsplit("-", 1)[0]: t for t in r.json()}
+        # task runs reach the API through its event pipeline, a moment after the flow ends
+        import time
+
+        deadline = time.monotonic() + 60
+        while True:
+            r = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json={"limit": 50}, timeout=30)
+            r.raise_for_status()
+            runs = {t["name"].rsplit("-", 1)[0]: t for t in r.json()}
+            done = runs and all(t["state"] and t["state"]["type"] in ("FAILED", "COMPLETED", "CRASHED")
+                                for t in runs.values())
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     assert all(m in str(e.value) for m in must), str(e.value)
     assert set(runs) == {"ingest"}, sorted(runs)
     assert runs["ingest"]["state"]["type"] == "FAILED" and runs["ingest"]["run_count"] == 1

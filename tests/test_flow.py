@@ -143,11 +143,19 @@ def test_flow_runs_under_prefect_test_harness(small_scan, tmp_path, monkeypatch)
         monkeypatch.undo()
         path = get_flow()(**args)
 
-        def states(flow_name_run):
-            r = httpx.post(f"{api}/task_runs/filter", timeout=30,
-                           json={"flow_runs": {"id": {"any_": [flow_name_run]}}, "limit": 50})
-            r.raise_for_status()
-            return {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in r.json()}
+        def states(flow_name_run, want=("mapping", "publish")):
+            # task runs reach the API through its event pipeline, a moment after the flow
+            import time
+
+            deadline = time.monotonic() + 60
+            while True:
+                r = httpx.post(f"{api}/task_runs/filter", timeout=30,
+                               json={"flow_runs": {"id": {"any_": [flow_name_run]}}, "limit": 50})
+                r.raise_for_status()
+                got = {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in r.json()}
+                if all(got.get(k) in ("Completed", "Cached") for k in want) or time.monotonic() > deadline:
+                    return got
+                time.sleep(0.5)
         runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_ASC", "limit": 10},
                           timeout=30).json()
         assert [r["state"]["type"] for r in runs] == ["FAILED", "COMPLETED"]
