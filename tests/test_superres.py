@@ -229,11 +229,14 @@ def test_spec_superres_field():
 
     spec = parse_spec({})
     assert spec.superres.enabled is False and spec.superres.factor in (2, 4)
-    ok = parse_spec({"superres": {"enabled": True, "factor": 4, "method": "dual",
-                                  "model": "dual.pt", "guide": "from_data"}})
+    maps = {"enabled": True, "phases": [{"name": "CeO2", "cif": "phases/CeO2.cif"}]}
+    ok = parse_spec({"mapping": maps, "superres": {"enabled": True, "factor": 4, "method": "dual",
+                                                   "model": "dual.pt", "guide": "from_data"}})
     assert ok.superres.method == "dual"
     with pytest.raises(SpecError, match="superres.guide"):
-        parse_spec({"superres": {"enabled": True, "method": "dual", "model": "m.pt"}})
+        parse_spec({"mapping": maps, "superres": {"enabled": True, "method": "dual", "model": "m.pt"}})
+    with pytest.raises(SpecError, match="superres.enabled: super-resolution works on the per-phase"):
+        parse_spec({"superres": {"enabled": True, "method": "bicubic"}})
     with pytest.raises(SpecError, match="superres.factor"):
         parse_spec({"superres": {"factor": 3}})
 
