@@ -270,6 +270,7 @@ def main(argv=None) -> int:
     import httpx
 
     procs: dict[str, subprocess.Popen] = {}
+    csv_file = None
 
     def start(name, cmd, extra_env=None):
         procs[name] = subprocess.Popen(cmd, env={**env, **(extra_env or {})}, cwd=ROOT,
@@ -388,6 +389,23 @@ def main(argv=None) -> int:
 
         rows: list[dict] = []
         submitted = completed = failed = 0
+        fields = (["t_s", "submitted", "completed", "failed", *disk_counts(out)]
+                  + [f"{r}_{m}" for r in roles for m in ("rss_mb", "fds")])
+        csv_file = open(base / "soak.csv", "w", newline="")  # written as the samples come
+        writer = csv.DictWriter(csv_file, fieldnames=fields)
+        writer.writeheader()
+
+        def sample() -> dict:
+            row = {"t_s": round(time.time() - t_runs, 1), "submitted": submitted,
+                   "completed": completed, "failed": failed, **disk_counts(out)}
+            for role, pid in tracked.items():
+                m = proc_rss_fds(pid)
+                row[f"{role}_rss_mb"] = round(m[0], 1) if m else ""
+                row[f"{role}_fds"] = m[1] if m else ""
+            rows.append(row)
+            writer.writerow(row)
+            csv_file.flush()
+            return row
         last_progress = time.time()
         t_runs = time.time()
         next_sample = 0.0
@@ -410,13 +428,7 @@ def main(argv=None) -> int:
                 submitted += 1
             if time.time() >= next_sample:
                 next_sample = time.time() + args.interval
-                row = {"t_s": round(time.time() - t_runs, 1), "submitted": submitted,
-                       "completed": completed, "failed": failed, **disk_counts(out)}
-                for role, pid in tracked.items():
-                    m = proc_rss_fds(pid)
-                    row[f"{role}_rss_mb"] = round(m[0], 1) if m else ""
-                    row[f"{role}_fds"] = m[1] if m else ""
-                rows.append(row)
+                row = sample()
                 if len(rows) % 20 == 1:
                     print(f"soak: t={row['t_s']:.0f}s submitted {submitted} completed {completed} "
                           f"failed {failed} | " + " ".join(
@@ -433,22 +445,12 @@ def main(argv=None) -> int:
             time.sleep(1.0)
         wall = time.time() - t_runs
         time.sleep(args.interval)  # one last sample, everything settled
-        row = {"t_s": round(time.time() - t_runs, 1), "submitted": submitted, "completed": completed,
-               "failed": failed, **disk_counts(out)}
-        for role, pid in tracked.items():
-            m = proc_rss_fds(pid)
-            row[f"{role}_rss_mb"] = round(m[0], 1) if m else ""
-            row[f"{role}_fds"] = m[1] if m else ""
-        rows.append(row)
+        sample()
     finally:
         for name in ("worker", "dask-worker", "dask-scheduler", "server"):
             stop(procs.get(name))
-
-    fields = list(rows[0])
-    with open(base / "soak.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+        if csv_file is not None:
+            csv_file.close()
     lines, ok = summarize(rows, roles, args.warmup, args.rss_bound_mb, args.fd_bound)
     end = rows[-1]
     cut = f" (stopped by --max-minutes after {args.n} submissions)" if args.n < requested else ""
