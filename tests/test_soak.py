@@ -1,4 +1,4 @@
-"""Soak (issue 6): a short run of ``benchmarks/soak.py`` (20 scans through the deployed
+"""Soak (issue 6): a short run of ``benchmarks/soak.py`` (30 scans through the deployed
 ``process_scan`` on a real Prefect server, process worker and Dask cluster on localhost),
 asserting its bounds: every run completes, one product and one catalog row per run, no
 work store left, and no memory or file-descriptor growth of the long-lived processes beyond
@@ -14,11 +14,15 @@ import pytest
 
 from helpers import ROOT, subprocess_env
 
-N, WARMUP, RSS_MB_PER_100, FD_GROWTH = 20, 5, 50.0, 10.0
+# 30 runs, reference after 10: in the 153-run soak (benchmarks/soak_results/) the first
+# ~10 runs grow steeply (server +16 MB), and the slopes over runs 10-30 were 35 MB/100 runs
+# (server) and 45 (Prefect worker), within the bound but closer to it than over 10-153
+# (21 and 26): a shorter soak would measure warm-up, not growth.
+N, WARMUP, RSS_MB_PER_100, FD_GROWTH = 30, 10, 50.0, 10.0
 
 
 @pytest.mark.long
-def test_soak_20_runs_within_bounds(tmp_path):
+def test_soak_30_runs_within_bounds(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--n", str(N),
                         "--warmup", str(WARMUP), "--out", str(tmp_path),
                         "--rss-bound-mb", str(RSS_MB_PER_100), "--fd-bound", str(FD_GROWTH)],
