@@ -275,14 +275,36 @@ def test_scan_table_images_are_confined_before_any_is_read(roots):
     assert msg.startswith(f"scan table {table}: line 3: column 'file'") and "secret.nxs" in msg
 
 
-def test_compose_workers_confine_paths_to_the_data_mount():
+def test_compose_mounts_raw_data_read_only_and_only_products_writable():
+    """The workers see raw scans and calibrations through read-only mounts and can write
+    only the product directory; the data roots are exactly those mounts, and the example
+    parameters of infra/prefect.yaml read from the read-only and write to the writable one."""
     import yaml
 
     compose = yaml.safe_load((ROOT / "infra" / "compose.yaml").read_text())
+    raw, cal, prod = "/data/xrdct/raw", "/data/xrdct/calibration", "/data/xrdct/products"
     env = compose["x-worker-env"]
-    assert env["XRDCT_DATA_ROOTS"] == "${XRDCT_DATA_ROOTS:-/data}"
+    assert env["XRDCT_DATA_ROOTS"].split(":") == [raw, cal, prod]
     for name in ("worker-cpu", "worker-gpu"):
         svc = compose["services"][name]
         assert svc["environment"]["XRDCT_DATA_ROOTS"] == env["XRDCT_DATA_ROOTS"]
-        assert any(v.endswith(":/data") for v in svc["volumes"])  # the root is what is mounted
-    assert "XRDCT_DATA_ROOTS=/data" in (ROOT / "infra" / ".env.example").read_text()
+        mounts = {}
+        for v in svc["volumes"]:
+            parts = re.sub(r"\$\{[^}]*\}", "HOST", v).split(":")  # ${VAR:-default} -> HOST
+            assert parts[0] == "HOST" and len(parts) in (2, 3), (name, v)
+            mounts[parts[1]] = parts[2] if len(parts) == 3 else "rw"
+        assert mounts == {raw: "ro", cal: "ro", prod: "rw"}, (name, svc["volumes"])
+        # the host side of each mount is its own variable (no one /data mount holding both)
+        hosts = [re.match(r"\$\{(\w+):-", v).group(1) for v in svc["volumes"]]
+        assert hosts == ["XRDCT_RAW_DIR", "XRDCT_CALIBRATION_DIR", "XRDCT_PRODUCTS_DIR"]
+    assert compose["services"]["products"]["volumes"][0].endswith(":/usr/share/nginx/html:ro")
+    deployments = {d["name"]: d for d in yaml.safe_load(
+        (ROOT / "infra" / "prefect.yaml").read_text())["deployments"]}
+    root = deployments["discover_and_process"]["parameters"]["root"]
+    assert root == raw or root.startswith(raw + "/")
+    for d in deployments.values():
+        assert d["parameters"]["out"].rstrip("/") == prod
+    example = (ROOT / "infra" / ".env.example").read_text()
+    for var in ("XRDCT_RAW_DIR", "XRDCT_CALIBRATION_DIR", "XRDCT_PRODUCTS_DIR"):
+        assert f"# {var}=/data/xrdct/" in example
+    assert "XRDCT_DATA_DIR" not in example
