@@ -108,7 +108,7 @@ def eval_sets(f, quick):
     return sets
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--library", type=int, default=32, help="training pairs per factor")
@@ -119,7 +119,7 @@ def main():
     ap.add_argument("--factors", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--quick", action="store_true", help="tiny run (smoke test of the script)")
     ap.add_argument("--save", type=Path, default=None, help="directory to save the trained models in")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
