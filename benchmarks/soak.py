@@ -117,14 +117,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(pred, timeout: float, what: str):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        r = pred()
-        if r:
-            return r
-        time.sleep(1.0)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra"))
+from local_stack import prepare_server, wait_for  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- disk
@@ -309,20 +303,7 @@ def main(argv=None) -> int:
         for i in range(1, min(args.n, args.limit + 2)):
             scan_files(i)
 
-        def healthy():
-            try:
-                return httpx.get(f"{api}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, 180, "prefect server")
-        for pool in ("xrdct-cpu", "xrdct-gpu"):
-            subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type",
-                            "process"], env=env, check=True, capture_output=True, timeout=180)
-        d = subprocess.run([sys.executable, "infra/deploy.py", "--name", "process_scan"], env=env,
-                           capture_output=True, text=True, timeout=300, cwd=ROOT)
-        if d.returncode != 0:
-            raise RuntimeError("infra/deploy.py failed:\n" + d.stdout[-2000:] + d.stderr[-2000:])
+        prepare_server(api, env, names=["process_scan"])
         dep = httpx.get(f"{api}/deployments/name/process_scan/process_scan", timeout=10).json()
 
         worker_env = {}

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -26,14 +25,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(pred, timeout, what):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        r = pred()
-        if r:
-            return r
-        time.sleep(1.0)
-    raise TimeoutError(f"{what} not ready after {timeout} s")
+sys.path.insert(0, str(Path(__file__).parents[1] / "infra"))
+from local_stack import prepare_server, wait_for as _wait  # noqa: E402
 
 
 @pytest.mark.slow
@@ -49,20 +42,8 @@ def test_run_button_through_rest_api(tmp_path):
                                "--port", str(port), "--no-ui"], env=env, stdout=logs, stderr=subprocess.STDOUT)
     served = None
     try:
-        def healthy():
-            try:
-                return httpx.get(f"{api}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        _wait(healthy, 120, "prefect server")
-
         # the facility's deployments from infra/prefect.yaml (infra/deploy.py)
-        for pool in ("xrdct-cpu", "xrdct-gpu"):
-            subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type",
-                            "process"], env=env, check=True, capture_output=True, timeout=120)
-        d = subprocess.run([sys.executable, "infra/deploy.py"], env=env, capture_output=True,
-                           text=True, timeout=300, cwd=Path(__file__).parents[1])
-        assert d.returncode == 0, d.stdout[-2000:] + d.stderr[-2000:]
+        prepare_server(api, env)
         deps = {x["name"]: x for x in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
         assert sorted(deps) == ["discover_and_process", "process_scan", "reprocess"]
         assert deps["discover_and_process"]["schedules"][0]["schedule"]["cron"] == "*/10 * * * *"
