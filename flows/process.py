@@ -485,10 +485,9 @@ class _SliceReconstructor:
                 raise SpecError(f"reconstruction.gan.channels: bins {bad} do not exist; the "
                                 f"sinogram has {nb} radial bins (0..{nb - 1})")
             vol = self.fbp(s) if len(chans) < nb else np.zeros((self.nt, self.nt, nb), np.float32)
-            img, info = gan_reconstruct(s, self.angles, device=self.device, **{**opts, "channels": chans})
+            img, _info = gan_reconstruct(s, self.angles, device=self.device, **{**opts, "channels": chans})
             vol[:, :, chans] = img.reshape(self.nt, self.nt, len(chans))
             self.notes.setdefault("gan_channels", chans)
-            self.notes.setdefault("gan_seconds_per_slice", []).append(float(np.sum(info["seconds"])))
         elif r.method == "cnn":
             vol = self._cnn(s, iz)
         else:  # pragma: no cover - the spec's Literal lists the methods
@@ -511,13 +510,13 @@ class _SliceReconstructor:
         c = self.r.cnn
         if self._model is None:
             sha = self.req.calibration.get(f"model:{c.model}")
-            rows = [m for m in Catalog.for_products(self.req.out).models(c.model) if m.sha256 == sha]
+            cat = Catalog.for_products(self.req.out)
+            rows = [m for m in cat.models(c.model) if m.sha256 == sha]
             if not rows:
                 raise SpecError(f"reconstruction.cnn.model: model {c.model!r} with SHA-256 {sha} "
                                 f"(the one this product was requested with) is no longer in the "
                                 f"catalog of {self.req.out}")
-            self._model = load_registered_model(Catalog.for_products(self.req.out), c.model,
-                                                rows[0].version, device=self.device)
+            self._model = load_registered_model(cat, c.model, rows[0].version, device=self.device)
             self.notes.update(cnn_model=c.model, cnn_version=int(rows[0].version), cnn_sha256=sha)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", OutOfDistributionWarning)
@@ -588,8 +587,7 @@ def stage_reconstruct(req: Request) -> dict:
     kept.clear()
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "reconstruct": dt}})
-    notes = {k: v for k, v in recon.notes.items() if not k.endswith("_per_slice")}
-    return {"seconds": dt, "slices_reused": reused, **notes}
+    return {"seconds": dt, "slices_reused": reused, **recon.notes}
 
 
 def _map_slice(vol, sigma, mask, phases, refs, radial, unit, wl, m) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -598,8 +596,8 @@ def _map_slice(vol, sigma, mask, phases, refs, radial, unit, wl, m) -> tuple[dic
     with z of length 1, the slice's Rwp (1, y, x) and weight fractions (1, y, x, phase)."""
     from tasks.rietveld import fit_scales, weight_fractions
 
-    res = fit_scales(vol, refs, background_order=m.background_order,
-                     sigma=np.ones_like(vol) if sigma is None else sigma, mask=mask)
+    sigma = np.ones_like(vol) if sigma is None else sigma
+    res = fit_scales(vol, refs, background_order=m.background_order, sigma=sigma, mask=mask)
     wf = weight_fractions(res.scale, phases)
 
     def zp(a):  # (z, y, x, phase) -> (z, phase, y, x)
@@ -619,8 +617,7 @@ def _map_slice(vol, sigma, mask, phases, refs, radial, unit, wl, m) -> tuple[dic
     if m.method == "refine":  # whole-pattern refinement of every voxel (tasks.refine)
         from tasks.refine import refine_variables
 
-        extra, res = refine_variables(vol, np.ones_like(vol) if sigma is None else sigma, mask,
-                                      phases, radial, unit, wl, m)
+        extra, res = refine_variables(vol, sigma, mask, phases, radial, unit, wl, m)
         data.update(extra)
         wf = res.weight_fraction
     return data, np.asarray(res.rwp), np.asarray(wf)

@@ -905,13 +905,13 @@ class RadialIntegrator:
         frac = xp.where(valid, (x - xmin) / span * (1 - 2 ** -20), 1 - 2 ** -21)
         order = xp.argsort(bin_of[:, None].astype(xp.float64) + frac, axis=0)
         w = xp.take_along_axis(xp.where(valid, om[:, None], 0.0), order, axis=0)
-        cw = xp.cumsum(w, axis=0)
-        base = xp.concatenate([xp.zeros((1, w.shape[1])), cw])[indptr[:-1]]     # (nbins, n)
-        upper = cw - base[bin_of]
-        last = (xp.concatenate([xp.zeros((1, w.shape[1])), cw])[indptr[1:]] - base)[bin_of]
+        cw0 = xp.concatenate([xp.zeros((1, w.shape[1])), xp.cumsum(w, axis=0)])  # (P + 1, n)
+        base = cw0[indptr[:-1]]                                                  # (nbins, n)
+        upper = cw0[1:] - base[bin_of]
+        last = (cw0[indptr[1:]] - base)[bin_of]
         # pyFAI's cython kernel stores the running sums and the limits in float32
         f32 = xp.float32
-        lower = xp.concatenate([xp.zeros((1, w.shape[1])), cw])[:-1] - base[bin_of]
+        lower = cw0[:-1] - base[bin_of]
         upper, lower = upper.astype(f32), lower.astype(f32)
         qmin, qmax = (lo * last).astype(f32), (hi * last).astype(f32)
         keep = (((qmin <= lower) & (upper <= qmax)) | ((qmin >= lower) & (upper >= qmax))) & (w > 0)
@@ -1314,7 +1314,6 @@ def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, pr
     import cupyx  # noqa: PLC0415
 
     from tasks._xp import batch_from_free_memory, free_gpu_bytes  # noqa: PLC0415
-    from tasks.ingest import check_frames  # noqa: PLC0415
 
     n = scan.n_frames
     H, W = integ.shape
