@@ -705,8 +705,9 @@ def stage_superres(req: Request) -> dict:
     ds = store.open_product(req.work)
     nz, ny, nx = ds.sizes["z"], ds.sizes["y"], ds.sizes["x"]
     model = load_model(spec.resolve(sr.model)) if sr.method in ("single", "dual") else None
+    uses_guide = sr.method in ("guided", "dual")  # the interpolations and "single" take none
     guide_img = None
-    if sr.guide and sr.guide != "from_data":
+    if uses_guide and sr.guide != "from_data":
         guide_img = load_guide(spec.resolve(sr.guide))
         if guide_img.ndim == 2:
             guide_img = guide_img[None]
@@ -734,10 +735,9 @@ def stage_superres(req: Request) -> dict:
         level=spec.output.compressor_level)
     for iz in range(nz):
         guide = None
-        if sr.guide == "from_data":
-            guide = absorption_from_xrdct(np.asarray(ds["volume"].isel(z=iz).values, np.float32), factor=f)
-        elif guide_img is not None:
-            guide = guide_img[iz]
+        if uses_guide:
+            guide = (absorption_from_xrdct(np.asarray(ds["volume"].isel(z=iz).values, np.float32), factor=f)
+                     if sr.guide == "from_data" else guide_img[iz])
         for v in names:
             low = np.moveaxis(np.asarray(ds[v].isel(z=iz).values, np.float32), 0, -1)   # (y, x, phase)
             up = upscale(np.nan_to_num(low), f, method=sr.method, model=model, guide=guide)
