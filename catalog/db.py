@@ -110,6 +110,31 @@ class Model(Base):
     promoted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class InstrumentProfile(Base):
+    """An instrument profile refined from a calibrant pattern (tasks.refine.refine_profile),
+    stored with the calibration it belongs to: the PONI file, by checksum.
+
+    ``profile`` holds ``U, V, W`` (deg^2 of 2theta), ``eta`` and ``zero_shift_deg``;
+    ``esd`` their estimated standard deviations; ``key`` is the content address of the
+    row (PONI, calibrant, source pattern and refined values). The newest row of a PONI is
+    the one ``mapping.profile: calibration`` uses."""
+
+    __tablename__ = "instrument_profiles"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    poni_checksum: Mapped[str] = mapped_column(String(64), index=True)
+    poni_path: Mapped[str] = mapped_column(Text)
+    calibrant: Mapped[str] = mapped_column(String(128))
+    calibrant_checksum: Mapped[str] = mapped_column(String(64))
+    source_path: Mapped[str] = mapped_column(Text)
+    source_checksum: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[dict] = mapped_column(JSON)
+    esd: Mapped[dict] = mapped_column(JSON, default=dict)
+    rwp: Mapped[float] = mapped_column(Float)
+    lattice: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _PG_LOCK = 0x78726463  # advisory lock id ("xrdc") held while PostgreSQL is migrated
 
@@ -496,3 +521,94 @@ class Catalog:
             target.metrics = {**(target.metrics or {}), **metrics}
 
         self._transaction(write)
+
+    # ---------------------------------------------------------- instrument profiles
+
+    def add_instrument_profile(self, *, poni_checksum: str, poni_path: str | Path, calibrant: str,
+                               calibrant_checksum: str, source_path: str | Path,
+                               source_checksum: str, profile: dict, esd: dict | None = None,
+                               rwp: float, lattice: float | None = None) -> InstrumentProfile:
+        """Store an instrument profile refined from a calibrant, with its calibration.
+
+        Idempotent: the same PONI, calibrant, source pattern and refined values give the
+        same row (``key``). A later row for the same PONI supersedes earlier ones (they
+        stay, for the products made with them).
+
+        Parameters
+        ----------
+        poni_checksum : str
+            SHA-256 of the PONI file (64 hex digits).
+        poni_path, source_path : str or Path
+            The PONI and the calibrant image or pattern the profile was refined from.
+        calibrant : str
+            Calibrant phase name (e.g. ``"CeO2"``).
+        calibrant_checksum, source_checksum : str
+            SHA-256 of the calibrant's CIF and of the source file.
+        profile : dict
+            ``U, V, W`` (deg^2 of 2theta), ``eta`` (0..1), ``zero_shift_deg`` (deg).
+        esd : dict, optional
+            Estimated standard deviations of those (and ``a`` when the cell was refined).
+        rwp : float
+            Weighted-profile R factor of the calibrant fit.
+        lattice : float, optional
+            Refined calibrant cell parameter (A).
+
+        Returns
+        -------
+        InstrumentProfile
+
+        Raises
+        ------
+        ValueError
+            A checksum that is not 64 hex digits; ``profile`` without the five values, a
+            non-finite value, ``W <= 0`` or ``eta`` outside [0, 1].
+        """
+        import math
+        import re
+
+        from pipelines.spec import PROFILE_KEYS
+
+        for field, v in (("poni_checksum", poni_checksum), ("calibrant_checksum", calibrant_checksum),
+                         ("source_checksum", source_checksum)):
+            if not re.fullmatch(r"[0-9a-f]{64}", v or ""):
+                raise ValueError(f"{field}: expected 64 lowercase hex digits, got {v!r}")
+        missing = [k for k in PROFILE_KEYS if k not in profile]
+        if missing:
+            raise ValueError(f"profile: missing {missing}; expected {list(PROFILE_KEYS)}")
+        prof = {k: float(profile[k]) for k in PROFILE_KEYS}
+        if not all(math.isfinite(v) for v in prof.values()) or prof["W"] <= 0 \
+                or not 0 <= prof["eta"] <= 1:
+            raise ValueError(f"profile: expected finite values with W > 0 and 0 <= eta <= 1, got {prof}")
+        esd = {k: float(v) for k, v in (esd or {}).items()}
+        key = _key([poni_checksum, calibrant, calibrant_checksum, source_checksum, prof,
+                    None if lattice is None else float(lattice)])
+
+        def write(s):
+            return self._get_or_add(
+                s, InstrumentProfile, {"key": key}, poni_checksum=poni_checksum,
+                poni_path=str(poni_path), calibrant=calibrant, calibrant_checksum=calibrant_checksum,
+                source_path=str(source_path), source_checksum=source_checksum, profile=prof,
+                esd={k: (v if math.isfinite(v) else None) for k, v in esd.items()},
+                rwp=float(rwp), lattice=None if lattice is None else float(lattice))
+
+        self._transaction(write)
+        return self.instrument_profile(key=key)
+
+    def instrument_profile(self, poni_checksum: str | None = None, *,
+                           key: str | None = None) -> InstrumentProfile | None:
+        """The newest instrument profile stored for a PONI (by its checksum), or the one
+        with ``key``; None when there is none."""
+        with Session(self.engine) as s:
+            q = select(InstrumentProfile)
+            if key is not None:
+                return s.scalars(q.filter_by(key=key)).first()
+            return s.scalars(q.filter_by(poni_checksum=poni_checksum)
+                             .order_by(InstrumentProfile.id.desc())).first()
+
+    def instrument_profiles(self, poni_checksum: str | None = None) -> list[InstrumentProfile]:
+        """Stored instrument profiles (of one PONI, or all), oldest first."""
+        with Session(self.engine) as s:
+            q = select(InstrumentProfile)
+            if poni_checksum is not None:
+                q = q.filter_by(poni_checksum=poni_checksum)
+            return list(s.scalars(q.order_by(InstrumentProfile.id)))

@@ -1,4 +1,5 @@
-"""The ``xrdct`` command line: ``process``, ``simulate``, ``demo``, ``catalog``.
+"""The ``xrdct`` command line: ``process``, ``simulate``, ``demo``, ``catalog``, ``profile``
+(instrument profile from a calibrant), ``train`` and ``learn``.
 
 Every command runs the Prefect flow ``process_scan`` (ephemeral Prefect API when no server
 is configured) on a local Dask cluster, shows progress bars for long stages and ends with a
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.learn import add_cli  # xrdct train / xrdct learn (torch imported when run)
 
     add_cli(sub, where)
+    from flows.calibrate import add_cli as add_profile_cli  # xrdct profile
+
+    add_profile_cli(sub, where)
 
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

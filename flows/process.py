@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from flows import progress
-from pipelines.spec import PIPELINES_DIR, PipelineSpec, SpecError, load_spec, parse_spec
+from pipelines.spec import PIPELINES_DIR, PROFILE_KEYS, PipelineSpec, SpecError, load_spec, parse_spec
 from tasks import store
 
 
@@ -43,6 +43,9 @@ class Request:
     product_id: str = ""
     inputs: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    # The stored instrument profile (``key``, ``calibrant``, ``U, V, W, eta,
+    # zero_shift_deg``) when the spec's ``mapping.profile`` is ``calibration``
+    profile: dict = field(default_factory=dict)
     # Token of the work store this request builds in (set under the product lock by
     # :func:`open_work`); part of the Prefect cache keys, so a cache entry never outlives
     # the work store it describes.
@@ -53,6 +56,10 @@ class Request:
         spec = parse_spec(json.loads(self.spec_json), source="<request>", base_dir=self.spec_base_dir)
         if self.poni:
             spec.calibration.poni = self.poni
+        if spec.mapping.profile == "calibration" and self.profile:
+            from pipelines.spec import ProfileSpec
+
+            spec.mapping.profile = ProfileSpec(**{k: self.profile[k] for k in PROFILE_KEYS})
         return spec
 
     @property
@@ -148,9 +155,13 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
     if r.enabled and r.method == "cnn":  # the model's weights are an input of the product
         row = _cnn_model_row(out, r.cnn)
         calib[f"model:{row.name}"] = row.sha256
+    profile = {}
+    if spec.mapping.enabled and spec.mapping.profile == "calibration":
+        profile = _stored_profile(out, poni_p, calib.get("poni"))
+        calib["instrument_profile"] = profile["key"]
     req = Request(scan=str(scan), spec_json=spec.canonical_json(), spec_base_dir=spec.base_dir,
                   poni=str(poni_p) if poni_p else None, out=str(Path(out).resolve()),
-                  inputs=inputs, calibration=calib)
+                  inputs=inputs, calibration=calib, profile=profile)
     req.product_id = store.product_id(req.spec_json, inputs, calib)
     return req
 
@@ -168,6 +179,29 @@ def _cnn_model_row(out, c):
         raise SpecError(f"reconstruction.cnn.model: the catalog of {out} has no {which} of model "
                         f"{c.model!r} (train one: xrdct train --out {out})")
     return row
+
+
+def _stored_profile(out, poni: Path | None, poni_checksum: str | None) -> dict:
+    """The newest instrument profile the catalog of ``out`` holds for the PONI
+    (``mapping.profile: calibration``), as ``{"key", "calibrant", "rwp", U, V, W, eta,
+    zero_shift_deg}``; SpecError naming the field and the PONI when there is none."""
+    from catalog.db import Catalog
+
+    if poni is None or not poni_checksum:
+        raise SpecError("mapping.profile: 'calibration' needs a PONI (calibration.poni or "
+                        "--poni) to find the instrument profile stored with it")
+    cat = Catalog.for_products(out)
+    try:
+        row = cat.instrument_profile(poni_checksum)
+    finally:
+        cat.dispose()
+    if row is None:
+        raise SpecError(f"mapping.profile: 'calibration', but the catalog of {out} holds no "
+                        f"instrument profile for PONI {poni} (sha256 {poni_checksum[:12]}...); "
+                        f"refine one from a calibrant: xrdct profile CALIBRANT --poni {poni} "
+                        f"--out {out}")
+    return {"key": row.key, "calibrant": row.calibrant, "rwp": row.rwp,
+            **{k: row.profile[k] for k in PROFILE_KEYS}}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -642,6 +676,9 @@ def stage_mapping(req: Request) -> dict:
     if not wl or not np.isfinite(wl):
         raise SpecError("input.wavelength_m: mapping needs the wavelength (from the PONI, or "
                         "input.wavelength_m for sinogram input)")
+    if m.profile == "calibration":  # make_request resolves it; a hand-made Request may not
+        raise SpecError("mapping.profile: 'calibration' was not resolved to a stored instrument "
+                        "profile; build the request with make_request")
     phases = [load_phase(p.name, path) for p, path in zip(m.phases, spec.phase_paths())]
     refs = reference_patterns(phases, radial, unit, wl, m.profile)
     has_sigma = "volume_sigma" in ds
@@ -682,9 +719,13 @@ def stage_mapping(req: Request) -> dict:
     summary = {"median_rwp": float(np.nanmedian(rwp_in)) if rwp_in.size else float("nan"),
                "mean_weight_fraction": {n: float(wf_sum[i] / wf_n[i]) if wf_n[i] else float("nan")
                                         for i, n in enumerate(names)}}
+    profile = {"source": "catalog" if req.profile else "spec", **m.profile.model_dump()}
+    if req.profile:
+        profile.update(key=req.profile["key"], calibrant=req.profile["calibrant"],
+                       calibrant_rwp=req.profile["rwp"])
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "mapping": dt},
-                                  "fit_summary": summary})
-    return {"seconds": dt, **summary}
+                                  "fit_summary": summary, "instrument_profile": profile})
+    return {"seconds": dt, **summary, "instrument_profile": profile}
 
 
 def stage_superres(req: Request) -> dict:
@@ -828,6 +869,12 @@ def summary_rows(product: str | Path) -> list[tuple[str, str]]:
     if fit:
         rows.append(("median Rwp", f"{fit['median_rwp']:.4f}"))
         rows += [(f"mean weight fraction {n}", f"{w:.3f}") for n, w in fit["mean_weight_fraction"].items()]
+    prof = prov.get("instrument_profile")
+    if prof:
+        src = (f"catalog {prof['key'][:12]} ({prof['calibrant']} calibrant)"
+               if prof.get("source") == "catalog" else "spec")
+        rows.append(("instrument profile", f"{src}: U={prof['U']:.4g} V={prof['V']:.4g} "
+                     f"W={prof['W']:.4g} deg^2, eta={prof['eta']:.3f}, zero={prof['zero_shift_deg']:.4g} deg"))
     return rows
 
 

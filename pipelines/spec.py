@@ -213,6 +213,9 @@ class ProfileSpec(_Strict):
     zero_shift_deg: float = 0.0
 
 
+PROFILE_KEYS = tuple(ProfileSpec.model_fields)  # U, V, W, eta, zero_shift_deg
+
+
 class RefineSpec(_Strict):
     """Whole-pattern refinement of every voxel (``mapping.method: refine``; tasks.refine).
 
@@ -238,12 +241,19 @@ class RefineSpec(_Strict):
 class MappingSpec(_Strict):
     """Rietveld-style mapping: per-voxel scale factors against reference phase patterns
     (``method: scales``, batched NNLS) or whole-pattern refinement of every voxel
-    (``method: refine``: scales, cells, size, strain; see :class:`RefineSpec`)."""
+    (``method: refine``: scales, cells, size, strain; see :class:`RefineSpec`).
+
+    ``profile`` is the instrument profile: explicit values (:class:`ProfileSpec`) or
+    ``calibration``, the newest profile the catalog holds for the scan's PONI (refined
+    from a calibrant by ``xrdct profile``); its key is then an input of the product id."""
 
     enabled: bool = True
     method: Literal["scales", "refine"] = "scales"
     phases: list[PhaseSpec] = Field(default_factory=list)
-    profile: ProfileSpec = Field(default_factory=ProfileSpec)
+    profile: ProfileSpec | Literal["calibration"] = Field(
+        default_factory=ProfileSpec,
+        description='instrument profile: U, V, W, eta, zero_shift_deg, or "calibration": the '
+                    "newest profile stored for the PONI by `xrdct profile` (flows.calibrate)")
     background_order: int = Field(default=4, ge=0, le=20)
     min_total_intensity: float = Field(
         default=0.02, ge=0, description="voxels below this fraction of the brightest are masked")

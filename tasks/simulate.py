@@ -914,6 +914,59 @@ def _write_poni(ai, path: Path) -> None:
         raise SimulationError(f"{path}: pyFAI could not write the PONI file")
 
 
+def simulate_calibrant(out_dir: str | Path, config: SimConfig | None = None,
+                       calibrant: tuple[str, str] = ("CeO2", "CeO2.cif"), *,
+                       counts: float = 2000.0, seed: int | None = None) -> Path:
+    """Simulate a calibrant frame in a scan's geometry: ``<out_dir>/calibrant.tif``.
+
+    The detector, distance, wavelength, beam centre, rotations, polarisation and peak
+    profile (``config.profile``, the truth an instrument-profile refinement should give
+    back) are those of ``config``: integrate the frame with the ``scan.poni`` that
+    :func:`simulate_scan` writes for the same config (as at a beamline, where the
+    calibrant and the scans share one PONI).
+
+    Parameters
+    ----------
+    out_dir : str or Path
+    config : SimConfig, optional
+    calibrant : (name, cif)
+        CIF absolute, relative to the working directory or in ``pipelines/phases``.
+    counts : float
+        Mean counts per unmasked pixel before Poisson noise.
+    seed : int, optional
+        Noise seed (default ``config.seed``).
+
+    Returns
+    -------
+    Path
+        float32 TIFF (H, W) in counts, module gaps 0.
+
+    Raises
+    ------
+    SimulationError
+        As :func:`simulate_scan` (bad detector, missing CIF).
+    """
+    import fabio.tifimage
+
+    config = SimConfig() if config is None else config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ai, ai_native, mask = make_geometry(config)
+    tth = _tth_grid(ai, ai_native, config)
+    cfg = config.model_copy(update={"phases": [tuple(calibrant)]})
+    _names, ppm, _zmv = _phase_patterns(cfg, tth, "2th_deg")
+    img = _basis_images(ai, ai_native, cfg, tth, ppm + 0.02 * ppm.max() * air_pattern(tth)[None])[0]
+    img *= counts / float(img[~mask].mean())
+    rng = np.random.default_rng(config.seed if seed is None else seed)
+    frame = rng.poisson(np.clip(img, 0, None)).astype(np.float32)
+    frame[mask] = 0.0
+    tif = out_dir / "calibrant.tif"
+    tmp = out_dir / ".calibrant.tif.part"
+    fabio.tifimage.TifImage(data=frame).write(str(tmp))
+    os.replace(tmp, tif)
+    return tif
+
+
 def simulate_scan(out_dir: str | Path, config: SimConfig | None = None,
                   progress: Callable[[int, int], None] | None = None) -> SimulatedScan:
     """Simulate a pencil-beam XRD-CT scan and write ``scan.nxs`` + ``scan.poni``.

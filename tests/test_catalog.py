@@ -58,7 +58,7 @@ def _check_schema(url: str) -> None:
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert ctx.get_current_revision() == head_revision() == "0003"
+            assert ctx.get_current_revision() == head_revision() == "0004"
             tables = set(inspect(conn).get_table_names())
             assert tables == set(Base.metadata.tables) | {"alembic_version"}
             assert compare_metadata(ctx, Base.metadata) == []

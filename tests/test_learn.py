@@ -17,7 +17,7 @@ from tasks import cnn
 def _exercise_models(url: str) -> None:
     cat = Catalog(url)
     try:
-        assert head_revision() == "0003"
+        assert head_revision() == "0004"
         assert cat.promoted_model("m") is None
         v1 = cat.add_model(name="m", path="/models/a.pt", sha256="a" * 64, metrics={"rmse": 0.5},
                            provenance={"seed": 1}, promoted=True)

@@ -258,25 +258,9 @@ def test_refine_profile_simulated_caglioti(ph):
     assert pr.rwp < 2e-3                       # windowed model vs full tails
 
 
-def test_refine_profile_real_ceo2_pilatus2m(ph):
-    """Real CeO2 (NIST-like) frame on a Pilatus 2M, integrated with the pipeline's
-    integrator: U, V, W, eta, zero refined; the certified cell comes back."""
-    import fabio
-
-    from tasks.integrate import RadialIntegrator
-
-    d = real_path("ndtomo_ceo2_pilatus2m")
-    integ = RadialIntegrator(d / "CeO2.poni", npt=2000, unit="2th_deg", mask=d / "mask.edf",
-                             radial_range=(1.0, 13.0))
-    img = fabio.open(str(d / "CeO2.cbf")).data
-    y = np.asarray(integ.integrate(img[None].astype(np.float32))[0])[0]
-    pr = refine_profile(y, integ.radial, "2th_deg", integ.wavelength_m, ph["CeO2"], refine_lattice=True)
-    assert pr.rwp < 0.05, pr.rwp                         # measured 0.027
-    assert abs(pr.lattice - 5.411651) < 0.005, pr.lattice  # measured 5.4134
-    th = np.radians(3.2 / 2)                             # (111)
-    h111 = np.sqrt(pr.U * np.tan(th) ** 2 + pr.V * np.tan(th) + pr.W)
-    assert 0.015 < h111 < 0.05, h111                     # measured 0.026 deg
-    assert 0 <= pr.eta <= 1 and all(np.isfinite(v) for v in pr.esd.values())
+# The real CeO2 frame (Pilatus 2M) goes through refine_profile in
+# tests/test_profile_calibration.py::test_cli_profile_on_real_ceo2_pilatus2m (xrdct profile:
+# integration, fit, catalog row).
 
 
 # ------------------------------------------------------------------------------------
