@@ -99,7 +99,7 @@ def refinement_png(png: str | Path, radial, patterns, models, phase_patterns, ph
     patterns, models : array (k, n)
         Observed and fitted patterns of ``k`` voxels (a few; one row of panels each).
     phase_patterns : array (k, n_phase, n)
-        Each phase's contribution to the fit (drawn offset below the pattern).
+        Each phase's contribution to the fit (drawn upright, in a band below the residual).
     phase_names : sequence of str
     maps : dict name -> array (y, x), optional
         Maps drawn in a top row (e.g. ``lattice_c LiCoO2``, ``crystallite_size Cu``,
@@ -148,8 +148,9 @@ def refinement_png(png: str | Path, radial, patterns, models, phase_patterns, ph
         ax.plot(x, m, "r-", lw=0.7, label="fit")
         base = np.nanmin(y) - 0.08 * span
         ax.plot(x, base + (y - m), color="0.4", lw=0.6, label="residual")
-        for p, name in enumerate(phase_names):
-            ax.plot(x, base - 0.15 * span - PP[j, p], lw=0.6, label=name)
+        low = base - 0.1 * span - (float(np.nanmax(PP[j])) if PP[j].size else 0.0)
+        for p, name in enumerate(phase_names):  # upright, in a band below the residual
+            ax.plot(x, low + PP[j, p], lw=0.6, label=name)
         ax.set_xlabel(f"radial ({unit})")
         ax.set_ylabel("intensity")
         if titles is not None:
