@@ -216,11 +216,13 @@ def upgrade(url: str) -> None:
             cfg = alembic_config(conn)
             if current is None:
                 insp = inspect(conn)
-                if set(Base.metadata.tables) - {"models"} <= set(insp.get_table_names()):
+                tables = set(insp.get_table_names())
+                if set(Base.metadata.tables) - {"models", "instrument_profiles"} <= tables:
                     # a create_all database: stamp the revision whose schema it has
                     cols = {c["name"] for c in insp.get_columns("scans")}
                     command.stamp(cfg, "0001" if "acquired" not in cols else
-                                  "0003" if "models" in insp.get_table_names() else "0002")
+                                  "0002" if "models" not in tables else
+                                  "0003" if "instrument_profiles" not in tables else "0004")
             command.upgrade(cfg, "head")
     finally:
         engine.dispose()
