@@ -177,6 +177,34 @@ def cmd_catalog_list(args) -> int:
     return 0
 
 
+def cmd_catalog_profiles(args) -> int:
+    """Table of the instrument profiles stored with calibrations (``xrdct profile``)."""
+    from rich.table import Table
+
+    from tasks.ingest import file_checksum
+
+    cat = _open_catalog(args)
+    try:
+        rows = cat.instrument_profiles(file_checksum(args.poni) if args.poni else None)
+    finally:
+        cat.dispose()
+    newest = {}
+    for r in rows:
+        newest[r.poni_checksum] = r.id
+    t = Table(title=f"xrdct catalog: {len(rows)} instrument profile(s) (* = newest for its PONI, "
+                    "the one mapping.profile: calibration uses)")
+    t.add_column("key", no_wrap=True)
+    for col in ("PONI", "calibrant", "source", "U", "V", "W", "eta", "zero (deg)", "Rwp", "created"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        p = r.profile
+        t.add_row(r.key + (" *" if newest[r.poni_checksum] == r.id else ""), r.poni_path,
+                  r.calibrant, r.source_path, *(f"{p[k]:.4g}" for k in ("U", "V", "W", "eta", "zero_shift_deg")),
+                  f"{r.rwp:.4f}", _fmt_time(r.created))
+    _wide_console().print(t)
+    return 0
+
+
 def cmd_catalog_show(args) -> int:
     """One product with its scan, calibration, pipeline version and runs."""
     import json
@@ -293,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("catalog", help="the experiment catalog: list, show, add")
+    p = sub.add_parser("catalog", help="the experiment catalog: list, show, profiles, add")
     csub = p.add_subparsers(dest="catalog_cmd", required=True)
 
     def where(p):
@@ -312,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("product_id")
     where(c)
     c.set_defaults(fn=cmd_catalog_show)
+    c = csub.add_parser("profiles", help="instrument profiles stored with calibrations")
+    c.add_argument("--poni", help="only the profiles of this PONI file")
+    where(c)
+    c.set_defaults(fn=cmd_catalog_profiles)
     c = csub.add_parser("add", help="register scan files or every scan in a directory")
     c.add_argument("paths", nargs="+", metavar="SCAN_OR_DIR")
     c.add_argument("--recursive", "-r", action="store_true", help="walk sub-directories")

@@ -194,6 +194,9 @@ def test_cli_profile_on_real_ceo2_pilatus2m(tmp_path, capsys):
     finally:
         cat.dispose()
     assert row is not None and row.key in text and "Rwp" in text
+    assert main(["catalog", "profiles", "--poni", str(d / "CeO2.poni"), "--out", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert f"{row.key} *" in listed and "CeO2" in listed
     assert abs(row.lattice - 5.411651) < 0.005, row.lattice
     assert row.rwp < 0.05
     assert 0.015 < float(fwhm_deg(row.profile, 3.2)) < 0.05          # (111), measured 0.026 deg
