@@ -14,10 +14,10 @@ import pytest
 
 from helpers import ROOT, subprocess_env
 
-# 30 runs, reference after 10: in the 153-run soak (benchmarks/soak_results/) the first
-# ~10 runs grow steeply (server +16 MB), and the slopes over runs 10-30 were 35 MB/100 runs
-# (server) and 45 (Prefect worker), within the bound but closer to it than over 10-153
-# (21 and 26): a shorter soak would measure warm-up, not growth.
+# 30 runs, reference after 10: in the soaks of benchmarks/soak_results/ the first ~10 runs
+# grow steeply (server +16 MB), and the slopes over runs 10-30 were 35 MB/100 runs
+# (server) and 45 (Prefect worker), within the bound but closer to it than over runs
+# 10-200 (19 and 24 in the 200-run soak): a shorter soak measures warm-up, not growth.
 N, WARMUP, RSS_MB_PER_100, FD_GROWTH = 30, 10, 50.0, 10.0
 
 
