@@ -23,7 +23,8 @@ import numpy as np
 from pydantic import Field
 
 from flows import progress
-from pipelines.spec import PIPELINES_DIR, PROFILE_KEYS, PipelineSpec, SpecError, load_spec, parse_spec
+from pipelines.spec import (PIPELINES_DIR, PROFILE_KEYS, PipelineSpec, ProfileSpec, SpecError, load_spec,
+                            parse_spec)
 from tasks import store
 
 
@@ -57,8 +58,6 @@ class Request:
         if self.poni:
             spec.calibration.poni = self.poni
         if spec.mapping.profile == "calibration" and self.profile:
-            from pipelines.spec import ProfileSpec
-
             spec.mapping.profile = ProfileSpec(**{k: self.profile[k] for k in PROFILE_KEYS})
         return spec
 
@@ -347,12 +346,25 @@ def stage_integrate(req: Request) -> dict:
                                            {"long_name": "standard error (Poisson)", "units": "counts / monitor"})},
                         coords=coords)
         ds["radial"].attrs["wavelength_m"] = wavelength if wavelength else float("nan")
-        store.write_variables(req.work, ds, level=spec.output.compressor_level)
-        writer = store.GridWriter(req.work, [name, f"{name}_sigma"], g.index)
+        names = [name, f"{name}_sigma"]
+        ledger = ChunkLedger(req, "integrate")
+        written = ledger.keys(names, shape)
+        if written is None:  # nothing kept from an earlier attempt: a fresh start
+            ledger.start()
+            store.write_variables(req.work, ds, level=spec.output.compressor_level)
+            written = []
+        writer = store.GridWriter(req.work, names, g.index, written=written, on_flush=ledger.add)
+        todo = writer.todo
+        frames_reused = int(todo.size - todo.sum())
+        if frames_reused:
+            _log_info(f"stage integrate: {frames_reused} of {todo.size} frames ({writer.reused} "
+                      f"chunk(s)) kept from an earlier attempt; integrating the other {int(todo.sum())}")
         integrate_scan(scan, spec, poni=req.poni, client=_current_client(), integrator=integ,
-                       progress=progress.callback("integrate"), sink=writer, backend=spec.backend)
+                       progress=progress.callback("integrate"), sink=writer, backend=spec.backend,
+                       todo=todo)
         writer.close()
         attrs["integration_method"] = spec.integration.method
+        counts = {"frames_reused": frames_reused, "frames_integrated": int(todo.sum())}
         ds = None
     if ds is not None:
         ds["radial"].attrs["wavelength_m"] = wavelength if wavelength else float("nan")
@@ -360,6 +372,9 @@ def stage_integrate(req: Request) -> dict:
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {"integrate": dt}, "scan_kind": scan.kind,
                                   "wavelength_m": wavelength, **attrs})
+    if ds is None:
+        ledger.clear()
+        return {"seconds": dt, "kind": scan.kind, **counts}
     return {"seconds": dt, "kind": scan.kind}
 
 
@@ -432,6 +447,57 @@ def stage_sinogram(req: Request) -> dict:
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "sinogram": dt},
                                   "translation_step_mm": step})
     return {"seconds": dt, "center_px": centers}
+
+
+class ChunkLedger:
+    """Chunks of a streamed stage's variables already in the work store, recorded while
+    the stage runs (``<out>/.work/<id>.<stage>.slices/``, one empty marker file per chunk).
+
+    :class:`tasks.store.GridWriter` calls :meth:`add` once a chunk of every variable is
+    written, so a marker always names a complete chunk (a kill during the write leaves no
+    marker, and the chunk is written again). A later attempt at the same work store (same
+    work token, same variable shapes) reads the markers (:meth:`keys`) and integrates only
+    the frames of the other chunks. The folder is removed when the stage has finished.
+    """
+
+    def __init__(self, req: Request, stage: str):
+        self.dir = req.work.with_name(f"{req.work.stem}.{stage}.slices")
+        self.work, self.token = req.work, req.work_token
+
+    def start(self) -> None:
+        """Forget every chunk (a fresh start of the stage) and tie the ledger to the work
+        store's token."""
+        self.clear()
+        self.dir.mkdir(parents=True)
+        _atomic_write(self.dir / "token", self.token)
+
+    def keys(self, names, shape) -> list[tuple[int, ...]] | None:
+        """The recorded chunk keys, or None when nothing can be resumed: no ledger, a
+        ledger of another work store, or variables missing or of another shape."""
+        import zarr
+
+        tok = self.dir / "token"
+        if not tok.is_file() or tok.read_text() != self.token:
+            return None
+        try:
+            for n in names:
+                if tuple(zarr.open_array(str(self.work / n), mode="r").shape) != tuple(shape):
+                    return None
+        except Exception:  # noqa: BLE001 - variable missing or unreadable: start afresh
+            return None
+        return sorted(tuple(int(k) for k in p.stem.split(".")[1:]) for p in self.dir.glob("chunk.*.done"))
+
+    def add(self, key) -> None:
+        _atomic_write(self.dir / f"chunk.{'.'.join(str(int(k)) for k in key)}.done", "")
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class SliceCheckpoints:
@@ -793,7 +859,8 @@ def stage_superres(req: Request) -> dict:
 #: store before publishing (so one request gives the same bytes, made in one go or resumed
 #: after a crash) into the run record ``<out>/<product_id>.run.json`` and the catalog.
 RUN_KEYS = ("timings_s", "work_token", "stages_done")
-_RUN_INFO = ("seconds", "resumed", "slices_reused")  # per-stage info of the run, not the product
+#: per-stage info of the run, not the product
+_RUN_INFO = ("seconds", "resumed", "slices_reused", "frames_reused", "frames_integrated")
 
 
 def _run_record(req: Request, started: float, stage_info: dict) -> dict:
@@ -801,6 +868,7 @@ def _run_record(req: Request, started: float, stage_info: dict) -> dict:
     run's (returned): timings, work token, stage seconds, resumed stages, wall time."""
     prov = store.provenance(req.work)
     run = {k: prov.pop(k) for k in RUN_KEYS if k in prov}
+    integ = stage_info.get("integrate", {})
     spec = req.spec
     prov.update({
         "product_id": req.product_id, "pipeline_spec": json.loads(req.spec_json),
@@ -816,7 +884,11 @@ def _run_record(req: Request, started: float, stage_info: dict) -> dict:
                 "stage_seconds": {n: i.get("seconds") for n, i in stage_info.items()},
                 "resumed_stages": [n for n, i in stage_info.items() if i.get("resumed")],
                 "slices_reused": {n: i["slices_reused"] for n, i in stage_info.items()
-                                  if "slices_reused" in i}})
+                                  if "slices_reused" in i},
+                # frames of the integrate stage this run: kept from an earlier attempt's
+                # chunks, integrated now (none when the whole stage was resumed)
+                "frames": {k: integ[k] for k in ("frames_reused", "frames_integrated")
+                           if k in integ and not integ.get("resumed")}})
     return run
 
 

@@ -1067,19 +1067,19 @@ def _worker_integrate(spec_json: str, base_dir, poni, shape, frames, monitor, s:
     return integrate_batch(integ, block, monitor, spec.integration, source, first_index, dummy, delta)
 
 
-def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, emit, progress,
+def _integrate_on_cluster(client, scan, spec, poni, integ, ranges, src, emit, progress,
                           backend="cpu"):
     from distributed import as_completed  # noqa: PLC0415
 
-    n = scan.n_frames
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     spec_json = spec.canonical_json()
     poni = poni if poni is not None else spec.resolve(spec.calibration.poni)
-    todo = list(starts)
+    todo = list(ranges)
+    total = sum(e - s for s, e in ranges)
     done = 0
 
-    def submit(s):
-        e = min(n, s + batch)
+    def submit(r):
+        s, e = r
         mon = None if scan.monitor is None else scan.monitor[s:e]
         if getattr(scan, "reader", None) is not None:  # the worker reads exactly s:e
             source, a, b = scan.reader, s, e
@@ -1092,23 +1092,22 @@ def _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, e
     futures = {}
     ac = as_completed()
     for _ in range(min(len(todo), 2 * n_workers)):
-        s = todo.pop(0)
-        f = submit(s)
-        futures[f.key] = s
+        r = todo.pop(0)
+        f = submit(r)
+        futures[f.key] = r
         ac.add(f)
     for f in ac:
-        s = futures.pop(f.key)
-        e = min(n, s + batch)
+        s, e = futures.pop(f.key)
         i, sg = f.result()
         f.release()
         emit(s, e, i, sg)
         done += e - s
         if progress is not None:
-            progress(done, n)
+            progress(done, total)
         if todo:
-            s2 = todo.pop(0)
-            f2 = submit(s2)
-            futures[f2.key] = s2
+            r2 = todo.pop(0)
+            f2 = submit(r2)
+            futures[f2.key] = r2
             ac.add(f2)
 
 
@@ -1146,7 +1145,7 @@ def integrator_from_spec(spec, shape=None, poni=None) -> RadialIntegrator:
 def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = None,
                    integrator: RadialIntegrator | None = None, poni=None,
                    max_batch_bytes: int = 512 * 2**20, client=None, sink=None,
-                   backend: str = "cpu"):
+                   backend: str = "cpu", todo: np.ndarray | None = None):
     """Integrate every frame of a scan, streaming batches of frames.
 
     Frames are computed ``spec.integration.batch_frames`` at a time, fewer when a batch would
@@ -1160,7 +1159,7 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
         Kind ``"frames"`` or ``"map"``.
     spec : pipelines.spec.PipelineSpec
     progress : callable(done, total), optional
-        Called after each batch with the number of frames done and the total.
+        Called after each batch with the number of frames done and the number to do.
     integrator : RadialIntegrator, optional
         Reuse an integrator (else built by :func:`integrator_from_spec`).
     poni : str or Path, optional
@@ -1183,6 +1182,11 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
         :func:`_integrate_scan_gpu` (batch size from free GPU memory, pinned host staging,
         copy overlapped with compute on two CUDA streams); with a client, each worker moves
         its batch to its GPU.
+    todo : numpy.ndarray of bool, shape (n_frames,), optional
+        Frames to integrate (default: all). A resumed stage passes the frames an earlier
+        attempt did not store (:attr:`tasks.store.GridWriter.todo`); batches are formed
+        within the runs of consecutive frames to do, so no other frame is read. Each frame
+        is integrated on its own, so the results do not depend on the batching.
 
     Returns
     -------
@@ -1198,7 +1202,7 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
     Raises
     ------
     IntegrationError
-        Sinogram input, empty scan, spec problems.
+        Sinogram input, empty scan, spec problems, ``todo`` of the wrong shape.
     tasks.ingest.IngestError
         Frames that fail :func:`check_frames`, unreadable chunks.
     tasks._xp.BackendError
@@ -1239,38 +1243,60 @@ def integrate_scan(scan, spec, progress: Callable[[int, int], None] | None = Non
         def emit(s, e, i, sg):
             sink(s, e, i, sg if want_sigma else None)
 
+    if todo is not None:
+        todo = np.asarray(todo, dtype=bool)
+        if todo.shape != (n,):
+            raise IntegrationError(f"{scan.source}: todo has shape {todo.shape}; expected ({n},), "
+                                   f"one flag per frame")
+        if not todo.any():
+            return radial, patterns, sigma
     if backend == "gpu" and client is None:
-        _integrate_scan_gpu(integ, scan, ispec, src, emit, progress, max_batch_bytes)
+        _integrate_scan_gpu(integ, scan, ispec, src, emit, progress, max_batch_bytes, todo=todo)
         return radial, patterns, sigma
-    starts = list(range(0, n, batch))
+    ranges = batch_ranges(n, batch, todo)
     if client is not None:
-        _integrate_on_cluster(client, scan, spec, poni, integ, starts, batch, src, emit, progress,
+        _integrate_on_cluster(client, scan, spec, poni, integ, ranges, src, emit, progress,
                               backend=backend)
         return radial, patterns, sigma
 
     source = _batch_source(scan)
+    total = sum(e - s for s, e in ranges)
 
-    def load(s):
-        e = min(n, s + batch)
+    def load(r):
+        s, e = r
         return s, e, _read_block(source, s, e)
 
+    done = 0
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(load, starts[0])
-        for k in range(len(starts)):
+        fut = pool.submit(load, ranges[0])
+        for k in range(len(ranges)):
             s, e, block = fut.result()
-            if k + 1 < len(starts):
-                fut = pool.submit(load, starts[k + 1])
+            if k + 1 < len(ranges):
+                fut = pool.submit(load, ranges[k + 1])
             mon = None if scan.monitor is None else scan.monitor[s:e]
             i, sg = integrate_batch(integ, block, mon, ispec, src, s, dummy, delta)
             del block
             emit(s, e, i, sg)
+            done += e - s
             if progress is not None:
-                progress(e, n)
+                progress(done, total)
     return radial, patterns, sigma
 
 
+def batch_ranges(n: int, batch: int, todo: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Frame ranges ``[(start, stop), ...]`` of at most ``batch`` frames covering the frames
+    to do (``todo``, bool of shape (n,); default all ``n``), in scan order; a batch never
+    spans a frame that is not to be done."""
+    if todo is None:
+        return [(s, min(n, s + batch)) for s in range(0, n, batch)]
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(todo, np.int8), [0]])))
+    return [(s, min(e, s + batch)) for a, e in zip(edges[::2], edges[1::2])
+            for s in range(int(a), int(e), batch)]
+
+
 def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, progress,
-                        max_batch_bytes: int, free_bytes: int | None = None) -> int:
+                        max_batch_bytes: int, free_bytes: int | None = None,
+                        todo: np.ndarray | None = None) -> int:
     """Integration of a whole scan on the GPU (the spec's method), streamed through pinned
     host buffers.
 
@@ -1304,6 +1330,8 @@ def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, pr
         Bound on the pinned host memory of both staging buffers together.
     free_bytes : int, optional
         Free device memory to plan with (default: :func:`tasks._xp.free_gpu_bytes`).
+    todo : numpy.ndarray of bool, shape (n_frames,), optional
+        Frames to integrate (default all; :func:`integrate_scan`).
 
     Returns
     -------
@@ -1327,7 +1355,9 @@ def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, pr
                                    what=f"GPU integration of {H}x{W} {dtype} frames")
     dummy, delta = integ.dummies(dtype)
     source = _batch_source(scan)
-    starts = list(range(0, n, batch))
+    ranges = batch_ranges(n, batch, todo)
+    total = sum(e - s for s, e in ranges)
+    done = 0
     pinned = [cupyx.empty_pinned((batch, H, W), dtype) for _ in range(2)]
     dev = [cp.empty((batch, H, W), dtype) for _ in range(2)]
     copy_stream = cp.cuda.Stream(non_blocking=True)
@@ -1335,8 +1365,8 @@ def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, pr
     copied: list = [None, None]
     computed: list = [None, None]
 
-    def load(s):
-        e = min(n, s + batch)
+    def load(r):
+        s, e = r
         return s, e, _read_block(source, s, e)
 
     def stage(k, block):
@@ -1352,21 +1382,21 @@ def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, pr
         copied[j] = copy_stream.record()
 
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(load, starts[0])
+        fut = pool.submit(load, ranges[0])
         s0, e0, block = fut.result()
-        if len(starts) > 1:
-            fut = pool.submit(load, starts[1])
+        if len(ranges) > 1:
+            fut = pool.submit(load, ranges[1])
         stage(0, block)
         cur = (s0, e0)
-        for k in range(len(starts)):
+        for k in range(len(ranges)):
             j = k % 2
             s, e = cur
             m = e - s
             nxt = None
-            if k + 1 < len(starts):  # stage batch k+1 while batch k computes
+            if k + 1 < len(ranges):  # stage batch k+1 while batch k computes
                 s1, e1, block = fut.result()
-                if k + 2 < len(starts):
-                    fut = pool.submit(load, starts[k + 2])
+                if k + 2 < len(ranges):
+                    fut = pool.submit(load, ranges[k + 2])
                 stage(k + 1, block)
                 nxt = (s1, e1)
                 del block
@@ -1380,8 +1410,9 @@ def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, pr
                 sg_h = None if sg is None else sg.get(stream=comp_stream)
             comp_stream.synchronize()
             emit(s, e, i_h, sg_h)
+            done += m
             if progress is not None:
-                progress(e, n)
+                progress(done, total)
             cur = nxt
     copy_stream.synchronize()
     return batch

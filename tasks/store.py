@@ -286,15 +286,22 @@ class GridWriter:
         Variables to fill, each of shape ``index.shape + (npt,)``, float32.
     index : numpy.ndarray of int, shape (nz, na, nb)
         Frame index of each grid point (:class:`tasks.ingest.Grid`).
+    written : iterable of tuple of int, optional
+        Keys (chunk indices along z, a, b) of chunks already in the store, written by an
+        earlier attempt (:meth:`keys_written` there): their frames count as written, and
+        :attr:`todo` leaves them out.
+    on_flush : callable(key), optional
+        Called with a chunk's key once all its variables are written (e.g. to record it in
+        a ledger, so that a resumed attempt skips it).
 
     Raises
     ------
     ValueError
-        A frame written twice, a batch of the wrong width, or (at :meth:`close`) grid
-        points without a frame.
+        A frame written twice, a batch of the wrong width, an unknown chunk key in
+        ``written``, or (at :meth:`close`) grid points without a frame.
     """
 
-    def __init__(self, store, names, index: np.ndarray):
+    def __init__(self, store, names, index: np.ndarray, written=(), on_flush=None):
         import zarr
 
         self.arrays = [zarr.open_array(str(Path(store) / n), mode="r+") for n in names]
@@ -313,6 +320,22 @@ class GridWriter:
         self.seen = np.zeros(n, dtype=bool)
         self.pending: dict[tuple, list] = {}
         self.written = 0
+        self.on_flush = on_flush
+        self.n_chunks = tuple(-(-g // c) for g, c in zip(self.grid_shape, self.chunks))
+        self.reused = 0
+        for key in written:
+            key = tuple(int(k) for k in key)
+            if len(key) != 3 or not all(0 <= k < n for k, n in zip(key, self.n_chunks)):
+                raise ValueError(f"{store}: chunk {key} of {names[0]} is outside its "
+                                 f"{self.n_chunks} chunks")
+            lo, hi = self._box(key)
+            self.seen[index[tuple(slice(a, b) for a, b in zip(lo, hi))].ravel()] = True
+            self.reused += 1
+
+    @property
+    def todo(self) -> np.ndarray:
+        """bool, shape (n_frames,): frames not yet written (all but those of ``written``)."""
+        return ~self.seen
 
     def _box(self, key):
         lo = [k * c for k, c in zip(key, self.chunks)]
@@ -354,6 +377,8 @@ class GridWriter:
                     arr[region] = buf
                 self.written += 1
                 del self.pending[key]
+                if self.on_flush is not None:
+                    self.on_flush(key)
 
     def close(self) -> None:
         """Check that every grid point was written (all chunks flushed)."""

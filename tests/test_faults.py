@@ -53,7 +53,8 @@ def _done_stages(work: Path) -> list[str]:
 @pytest.mark.parametrize("kill_after", ["ingest", "integrate", "mapping"])
 def test_sigkill_then_rerun_resumes_and_equals_an_undisturbed_run(scan, reference, tmp_path, kill_after):
     """SIGKILL once the work store records ``kill_after`` as finished: during integration
-    (after ingest), during sinogram processing (after integrate), while publishing (after
+    (after ingest; :func:`test_sigkill_mid_integration_keeps_the_finished_chunks` kills it
+    half-way through a multi-slice scan), during sinogram processing (after integrate), while publishing (after
     mapping: the PNG and provenance are being written). No product is visible after the
     kill; the rerun resumes (the run record lists the stages it did not redo) and publishes
     the same bytes as the undisturbed run."""
@@ -80,6 +81,50 @@ def test_sigkill_then_rerun_resumes_and_equals_an_undisturbed_run(scan, referenc
     assert tree_digest(req.final) == tree_digest(reference)
     assert not any((out / ".work").iterdir())
     assert [x.id for x in Catalog.for_products(out).products()] == [req.product_id]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_integration_keeps_the_finished_chunks(tmp_path):
+    """SIGKILL while integration is half-way through an eight-slice scan (one Zarr chunk of
+    ``patterns`` per slice): the rerun integrates only the frames of the chunks that had not
+    been written (the run record counts both), and the product is byte-identical to an
+    undisturbed run."""
+    import zarr
+
+    sim = simulate_scan(tmp_path / "scan", preset("small").model_copy(
+        update={**TINY, "z_mm": [0.25 * k for k in range(8)]}))
+    ref = Path(process.run_pipeline(sim.nexus_path, poni=sim.poni_path, pipeline="demo",
+                                    out=tmp_path / "reference"))
+    chunk = zarr.open_array(str(ref / "patterns"), mode="r").chunks
+    per_chunk = chunk[1] * chunk[2]
+    n_frames = 8 * TINY["n_angles"] * TINY["n_translations"]
+    assert chunk[0] == 1 and per_chunk * 8 == n_frames  # one chunk per slice
+
+    out = tmp_path / "out"
+    req = process.make_request(sim.nexus_path, "demo", sim.poni_path, out)
+    ledger = req.work.with_name(f"{req.work.stem}.integrate.slices")
+    p = subprocess.Popen(_cli(sim, out), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while len(list(ledger.glob("chunk.*.done"))) < 2:
+        assert p.poll() is None, f"finished before the kill: {p.stderr.read()[-2000:]}"
+        assert time.time() - t0 < 300
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert _done_stages(req.work) == ["ingest"]  # killed inside integrate
+    kept = len(list(ledger.glob("chunk.*.done")))
+    assert 2 <= kept < 8 and not list(out.glob("*.zarr"))
+
+    r = subprocess.run(_cli(sim, out), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    run = process.run_record(req.final)
+    assert run["resumed_stages"] == ["ingest"]
+    assert run["frames"] == {"frames_reused": kept * per_chunk,
+                             "frames_integrated": n_frames - kept * per_chunk}
+    assert tree_digest(req.final) == tree_digest(ref)
+    assert not any((out / ".work").iterdir())  # ledger and work store gone
 
 
 @pytest.mark.slow

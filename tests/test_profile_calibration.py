@@ -56,6 +56,15 @@ def test_simulated_calibrant_gives_back_the_profile(scan, stored):
     assert rep.png.is_file() and rep.png.stat().st_size > 10_000
 
 
+def _store_again(cat, row, **profile):
+    """Store ``row``'s profile again through the public API, with ``profile`` values changed."""
+    return cat.add_instrument_profile(
+        poni_checksum=row.poni_checksum, poni_path=row.poni_path, calibrant=row.calibrant,
+        calibrant_checksum=row.calibrant_checksum, source_path=row.source_path,
+        source_checksum=row.source_checksum, profile={**row.profile, **profile}, esd=row.esd,
+        rwp=row.rwp, lattice=row.lattice)
+
+
 def test_profile_is_stored_with_the_calibration(scan, stored):
     sim, tif = scan
     out, rep = stored
@@ -67,11 +76,7 @@ def test_profile_is_stored_with_the_calibration(scan, stored):
         assert set(row.esd) >= {"U", "V", "W", "eta", "zero_shift_deg", "a"}
         assert 0 < row.esd["W"] < 0.1 * row.profile["W"]
         # idempotent: storing the same fit again adds no row
-        again = cat.add_instrument_profile(
-            poni_checksum=row.poni_checksum, poni_path=row.poni_path, calibrant=row.calibrant,
-            calibrant_checksum=row.calibrant_checksum, source_path=row.source_path,
-            source_checksum=row.source_checksum, profile=row.profile, esd=row.esd, rwp=row.rwp,
-            lattice=row.lattice)
+        again = _store_again(cat, row)
         assert again.key == row.key and len(cat.instrument_profiles()) == 1
         assert cat.instrument_profile("0" * 64) is None
     finally:
@@ -136,12 +141,7 @@ def test_flow_uses_the_stored_profile(scan, tmp_path):
     # a newer profile for the PONI (say, a better calibrant measurement) is a new product
     cat = Catalog.for_products(tmp_path)
     try:
-        r = rep.row
-        newer = cat.add_instrument_profile(
-            poni_checksum=r.poni_checksum, poni_path=r.poni_path, calibrant=r.calibrant,
-            calibrant_checksum=r.calibrant_checksum, source_path=r.source_path,
-            source_checksum=r.source_checksum, profile={**r.profile, "W": r.profile["W"] * 1.01},
-            esd=r.esd, rwp=r.rwp, lattice=r.lattice)
+        newer = _store_again(cat, rep.row, W=rep.row.profile["W"] * 1.01)
     finally:
         cat.dispose()
     req2 = make_request(sim.nexus_path, spec, poni=sim.poni_path, out=tmp_path)

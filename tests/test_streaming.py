@@ -14,7 +14,7 @@ import xarray as xr
 from pipelines.spec import parse_spec
 from tasks import store
 from tasks.ingest import open_nexus
-from tasks.integrate import integrate_scan
+from tasks.integrate import IntegrationError, integrate_scan
 
 
 # ------------------------------------------------------------------------------ GridWriter
@@ -75,6 +75,50 @@ def test_grid_writer_in_order_holds_one_chunk_and_checks(tmp_path, monkeypatch):
         w2(5, 7, vals[5:8])
 
 
+def test_grid_writer_resumes_from_the_chunks_an_earlier_attempt_wrote(tmp_path, monkeypatch):
+    """An attempt killed after some chunks were flushed: a new writer given those chunk keys
+    (as its ``on_flush`` reported them) leaves their frames out of ``todo``, and filling
+    only ``todo`` completes the variables with the same values as one undisturbed pass."""
+    from tasks.integrate import batch_ranges
+
+    monkeypatch.setattr(store, "_chunks", lambda dims, shape, itemsize, target_bytes=0:
+                        (1, 2, shape[2], shape[3]))
+    nz, na, nt, npt = 2, 5, 3, 4
+    index = np.arange(nz * na * nt).reshape(nz, na, nt)
+    vals = np.random.default_rng(1).normal(size=(index.size, npt)).astype(np.float32)
+    path = tmp_path / "w.zarr"
+    _template(path, (nz, na, nt, npt), names=("a",))
+    flushed = []
+    w = store.GridWriter(path, ["a"], index, on_flush=flushed.append)
+    w(0, 17, vals[:17])  # slice 0 (frames 0-14: three chunks) and 2 frames of slice 1
+    assert sorted(flushed) == [(0, 0, 0), (0, 1, 0), (0, 2, 0)] and len(w.pending) == 1
+    del w  # "killed": frames 15, 16 were buffered, never written; 17.. never arrived
+
+    w2 = store.GridWriter(path, ["a"], index, written=flushed)
+    assert w2.reused == 3 and np.array_equal(np.flatnonzero(w2.todo), np.arange(15, 30))
+    for s, e in batch_ranges(index.size, 4, w2.todo):
+        w2(s, e, vals[s:e])
+    w2.close()
+    assert np.array_equal(xr.open_zarr(path, consolidated=False)["a"].values, vals[index])
+    with pytest.raises(ValueError, match="outside its"):
+        store.GridWriter(path, ["a"], index, written=[(0, 3, 0)])
+
+
+def test_batch_ranges_cover_exactly_the_frames_to_do():
+    from tasks.integrate import batch_ranges
+
+    assert batch_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    todo = np.zeros(20, bool)
+    todo[[0, 1, 2, 7, 8, 9, 10, 11, 12, 13, 19]] = True
+    r = batch_ranges(20, 3, todo)
+    assert r == [(0, 3), (7, 10), (10, 13), (13, 14), (19, 20)]
+    got = np.zeros(20, bool)
+    for s, e in r:
+        assert not got[s:e].any()
+        got[s:e] = True
+    assert np.array_equal(got, todo) and batch_ranges(5, 2, np.zeros(5, bool)) == []
+
+
 # ------------------------------------------------------------------------------ scans
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
@@ -131,6 +175,19 @@ def test_sink_receives_exactly_what_is_collected(sim, method):
     assert calls == [(s, min(s + 7, scan.n_frames)) for s in range(0, scan.n_frames, 7)]
     assert np.array_equal(got_i, pat) and np.array_equal(got_s, sig)
     assert pat.max() > 0
+
+    # a resumed stage integrates only the frames still to do, to the same bits
+    todo = np.ones(scan.n_frames, bool)
+    todo[3:12] = False
+    calls.clear()
+    got_i[:] = np.nan
+    seen = []
+    integrate_scan(scan, spec, sink=sink, todo=todo, progress=lambda d, t: seen.append((d, t)))
+    assert calls == [(0, 3), (12, 19), (19, 26), (26, 33), (33, 40), (40, 47), (47, 48)]
+    assert np.array_equal(got_i[todo], pat[todo]) and np.isnan(got_i[~todo]).all()
+    assert seen[-1] == (int(todo.sum()),) * 2
+    with pytest.raises(IntegrationError, match="todo has shape"):
+        integrate_scan(scan, spec, sink=sink, todo=todo[1:])
 
 
 def _stage_peak(sim, scan_path, tmp_path):
