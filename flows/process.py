@@ -505,8 +505,9 @@ class SliceCheckpoints:
 
     A stage that fails on one slice (and the Prefect retry of it, or a later request after a
     crash) reuses the slices finished before, and recomputes only the rest. Each slice is
-    one ``.npy`` file written to a temporary name and renamed, so a kill never leaves a
-    half-written slice. The folder is removed when the stage has written its output.
+    one file written to a temporary name and renamed, so a kill never leaves a half-written
+    slice: ``.npy`` for a reconstructed slice (:meth:`save`), ``.npz`` for a slice's maps
+    (:meth:`save_maps`). The folder is removed when the stage has written its output.
     """
 
     def __init__(self, req: Request, stage: str):
@@ -526,6 +527,28 @@ class SliceCheckpoints:
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
         os.replace(tmp, self._path(iz))
+
+    def load_maps(self, iz: int) -> tuple[dict, np.ndarray, np.ndarray] | None:
+        """The kept maps of slice ``iz`` (:meth:`save_maps`), or None."""
+        p = self.dir / f"z{iz:05d}.npz"
+        if not p.is_file():
+            return None
+        with np.load(p, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            data = {k: (tuple(dims), f[f"var.{k}"], attrs) for k, (dims, attrs) in meta.items()}
+            return data, f["rwp"], f["wf"]
+
+    def save_maps(self, iz: int, data: dict, rwp: np.ndarray, wf: np.ndarray) -> None:
+        """Keep the maps of slice ``iz``: ``data`` name -> (dims, array, attrs) (attrs JSON
+        values), the slice's Rwp and weight fractions; one ``.npz``, renamed into place."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({k: [list(d), a] for k, (d, _v, a) in data.items()})
+        final = self.dir / f"z{iz:05d}.npz"
+        tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(meta), rwp=np.asarray(rwp), wf=np.asarray(wf),
+                     **{f"var.{k}": np.asarray(v) for k, (_d, v, _a) in data.items()})
+        os.replace(tmp, final)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -726,7 +749,9 @@ def _map_slice(vol, sigma, mask, phases, refs, radial, unit, wl, m) -> tuple[dic
 def stage_mapping(req: Request) -> dict:
     """Per-voxel scale factors of the spec's phases, weight fractions and Rwp (or the
     whole-pattern refinement of every voxel), slice by slice: one slice of the volume is
-    in memory at a time and its maps are written as they are done."""
+    in memory at a time and its maps are written as they are done. Each slice's maps are
+    kept as they finish (:class:`SliceCheckpoints`), so an attempt killed half-way is
+    resumed without refitting the slices it finished."""
     import xarray as xr
 
     from tasks.rietveld import load_phase, reference_patterns
@@ -760,13 +785,21 @@ def stage_mapping(req: Request) -> dict:
         if has_sigma else None
     names = [p.name for p in phases]
     rwp_all, wf_sum, wf_n = [], np.zeros(len(names)), np.zeros(len(names))
-    for iz in range(nz):  # pass 2: fit, write the slice's maps
-        sigma = None
-        if has_sigma:
-            sigma = np.asarray(ds["volume_sigma"].isel(z=iz).values, np.float64)[None]
-            sigma = np.where(sigma > 0, sigma, sig_max)
-        data, rwp, wf = _map_slice(volume(iz), sigma, mask[iz:iz + 1], phases, refs, radial,
-                                   unit, wl, m)
+    kept = SliceCheckpoints(req, "mapping")
+    reused = 0
+    for iz in range(nz):  # pass 2: fit (or take the kept fit of an earlier attempt), write
+        got = kept.load_maps(iz)
+        if got is None:
+            sigma = None
+            if has_sigma:
+                sigma = np.asarray(ds["volume_sigma"].isel(z=iz).values, np.float64)[None]
+                sigma = np.where(sigma > 0, sigma, sig_max)
+            data, rwp, wf = _map_slice(volume(iz), sigma, mask[iz:iz + 1], phases, refs, radial,
+                                       unit, wl, m)
+            kept.save_maps(iz, data, rwp, wf)
+        else:
+            data, rwp, wf = got
+            reused += 1
         if iz == 0:  # create every variable (zero chunks), then fill slice by slice
             store.write_variables(req.work, xr.Dataset(
                 {k: (dims, store.lazy_zeros(dims, (nz,) + np.shape(a)[1:], np.asarray(a).dtype), attrs)
@@ -780,6 +813,7 @@ def stage_mapping(req: Request) -> dict:
         wf_sum += np.nansum(wf[0][inside], axis=0)
         wf_n += np.isfinite(wf[0][inside]).sum(axis=0)
         progress.report("mapping", iz + 1, nz)
+    kept.clear()
     dt = time.perf_counter() - t0
     rwp_in = np.concatenate(rwp_all)
     summary = {"median_rwp": float(np.nanmedian(rwp_in)) if rwp_in.size else float("nan"),
@@ -791,7 +825,7 @@ def stage_mapping(req: Request) -> dict:
                        calibrant_rwp=req.profile["rwp"])
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "mapping": dt},
                                   "fit_summary": summary, "instrument_profile": profile})
-    return {"seconds": dt, **summary, "instrument_profile": profile}
+    return {"seconds": dt, "slices_reused": reused, **summary, "instrument_profile": profile}
 
 
 def stage_superres(req: Request) -> dict:

@@ -59,6 +59,15 @@ def tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def tree_diff(a: Path, b: Path) -> list[str]:
+    """Relative names of the files that differ between two trees (or are in one only):
+    the message of a failed :func:`tree_digest` comparison."""
+    fa = {str(p.relative_to(a)): p for p in Path(a).rglob("*") if p.is_file()}
+    fb = {str(p.relative_to(b)): p for p in Path(b).rglob("*") if p.is_file()}
+    return sorted(k for k in fa.keys() | fb.keys()
+                  if k not in fa or k not in fb or fa[k].read_bytes() != fb[k].read_bytes())
+
+
 def subprocess_env(**extra) -> dict:
     """The environment for a child Python process that must import this checkout's packages
     (the repository root first on ``PYTHONPATH``), plus ``extra``."""

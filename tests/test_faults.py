@@ -18,7 +18,7 @@ import pytest
 
 from catalog.db import Catalog
 from flows import process
-from helpers import ROOT, subprocess_env, tree_digest
+from helpers import ROOT, subprocess_env, tree_diff, tree_digest
 from tasks import store
 from tasks.simulate import preset, simulate_scan
 
@@ -78,17 +78,31 @@ def test_sigkill_then_rerun_resumes_and_equals_an_undisturbed_run(scan, referenc
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run = process.run_record(req.final)
     assert run["resumed_stages"] == finished  # nothing finished before the kill was redone
-    assert tree_digest(req.final) == tree_digest(reference)
+    assert tree_digest(req.final) == tree_digest(reference), tree_diff(req.final, reference)
     assert not any((out / ".work").iterdir())
     assert [x.id for x in Catalog.for_products(out).products()] == [req.product_id]
 
 
+def _kill_when(cmd, ready, what):
+    """Start ``cmd``; SIGKILL it as soon as ``ready()`` holds."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not ready():
+        assert p.poll() is None, f"finished before the kill {what}: {p.stderr.read()[-2000:]}"
+        assert time.time() - t0 < 300
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+
+
 @pytest.mark.slow
-def test_sigkill_mid_integration_keeps_the_finished_chunks(tmp_path):
-    """SIGKILL while integration is half-way through an eight-slice scan (one Zarr chunk of
-    ``patterns`` per slice): the rerun integrates only the frames of the chunks that had not
-    been written (the run record counts both), and the product is byte-identical to an
-    undisturbed run."""
+def test_sigkill_mid_integration_then_mid_mapping_keeps_the_finished_work(tmp_path):
+    """An eight-slice scan (one Zarr chunk of ``patterns`` per slice). SIGKILL while
+    integration is half-way; the second attempt integrates only the frames of the chunks not
+    yet written, and is killed half-way through mapping; the third fits only the slices the
+    second did not finish. The run records count what was reused, nothing is ever visible
+    under the published name, and the product is byte-identical to an undisturbed run."""
     import zarr
 
     sim = simulate_scan(tmp_path / "scan", preset("small").model_copy(
@@ -103,28 +117,31 @@ def test_sigkill_mid_integration_keeps_the_finished_chunks(tmp_path):
     out = tmp_path / "out"
     req = process.make_request(sim.nexus_path, "demo", sim.poni_path, out)
     ledger = req.work.with_name(f"{req.work.stem}.integrate.slices")
-    p = subprocess.Popen(_cli(sim, out), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while len(list(ledger.glob("chunk.*.done"))) < 2:
-        assert p.poll() is None, f"finished before the kill: {p.stderr.read()[-2000:]}"
-        assert time.time() - t0 < 300
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
+    maps = req.work.with_name(f"{req.work.stem}.mapping.slices")
+    _kill_when(_cli(sim, out), lambda: len(list(ledger.glob("chunk.*.done"))) >= 2, "in integrate")
     assert _done_stages(req.work) == ["ingest"]  # killed inside integrate
     kept = len(list(ledger.glob("chunk.*.done")))
     assert 2 <= kept < 8 and not list(out.glob("*.zarr"))
+
+    _kill_when(_cli(sim, out), lambda: len(list(maps.glob("z?????.npz"))) >= 2, "in mapping")
+    assert _done_stages(req.work) == ["ingest", "integrate", "sinogram", "reconstruct"]
+    second = store.provenance(req.work)["stages_done"]["integrate"]  # the killed run's record
+    assert second["frames_reused"] == kept * per_chunk
+    assert second["frames_integrated"] == n_frames - kept * per_chunk
+    assert not ledger.exists()  # removed once integrate finished
+    fitted = len(list(maps.glob("z?????.npz")))
+    assert 2 <= fitted < 8 and not list(out.glob("*.zarr"))
+    assert not req.final.exists() and not Catalog.for_products(out).products()
 
     r = subprocess.run(_cli(sim, out), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run = process.run_record(req.final)
-    assert run["resumed_stages"] == ["ingest"]
-    assert run["frames"] == {"frames_reused": kept * per_chunk,
-                             "frames_integrated": n_frames - kept * per_chunk}
-    assert tree_digest(req.final) == tree_digest(ref)
-    assert not any((out / ".work").iterdir())  # ledger and work store gone
+    assert run["resumed_stages"] == ["ingest", "integrate", "sinogram", "reconstruct"]
+    assert run["slices_reused"]["mapping"] == fitted
+    assert tree_digest(req.final) == tree_digest(ref), tree_diff(req.final, ref)
+    assert run["frames"] == {}  # integrate was resumed whole: nothing integrated in this run
+    assert not any((out / ".work").iterdir())  # kept maps and work store gone
 
 
 @pytest.mark.slow
@@ -244,7 +261,7 @@ def test_a_slice_that_fails_is_named_and_the_others_are_kept(tmp_path, monkeypat
         monkeypatch.setattr(rec, "fbp", real_fbp)
         path = process.get_flow()(**args)
     run = process.run_record(path)
-    assert run["slices_reused"] == {"reconstruct": 1}
+    assert run["slices_reused"] == {"reconstruct": 1, "mapping": 0}
     assert run["resumed_stages"] == ["ingest", "integrate", "sinogram"]
     assert store.open_product(path)["volume"].sizes["z"] == 2
     assert not any((out / ".work").iterdir())
