@@ -936,8 +936,9 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
         Initial Marquardt damping.
     threads : int or None
         numpy input: blocks of voxels refined in parallel threads (default: all cores).
-        Small batched matrix products are fastest with a single-threaded BLAS
-        (``OPENBLAS_NUM_THREADS=1``), measured 40x faster on a loaded 2-core machine.
+        Small batched matrix products are fastest with a single-threaded BLAS, measured
+        40x faster on a loaded 2-core machine: with more than one thread, BLAS is limited
+        to one thread per caller while the blocks run (threadpoolctl).
         The numba engine runs its blocks in the same threads (its kernel releases the
         GIL), with blocks of at most ``ceil(voxels / threads)`` so every thread has one.
     engine : {"auto", "numba", "numba-exact", "numpy"} or None
@@ -1196,10 +1197,15 @@ def refine(model: RefineModel, patterns, sigma=None, *, mask=None, x0=None, max_
 
     starts = range(0, Vk, step)
     if xp is np and nthreads > 1 and len(starts) > 1:
-        # numpy releases the GIL in its kernels: blocks of voxels run side by side
+        # numpy and the numba kernel release the GIL: blocks of voxels run side by side,
+        # each on a single-threaded BLAS (threadpoolctl: their small matrix products
+        # would otherwise each start a BLAS thread per core, measured 2.5x slower)
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(nthreads, len(starts))) as ex:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"), \
+                ThreadPoolExecutor(min(nthreads, len(starts))) as ex:
             list(ex.map(fit_chunk, starts))
     else:
         for c0 in starts:
