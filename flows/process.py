@@ -468,7 +468,9 @@ class ChunkLedger:
         """Forget every chunk (a fresh start of the stage) and tie the ledger to the work
         store's token."""
         self.clear()
-        self.dir.mkdir(parents=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for p in self.dir.glob("chunk.*"):  # whatever rmtree could not remove
+            p.unlink()
         _atomic_write(self.dir / "token", self.token)
 
     def keys(self, names, shape) -> list[tuple[int, ...]] | None:
