@@ -25,7 +25,8 @@ per-voxel loop vs ours".
 
 Run:  python benchmarks/bench_refine.py [--voxels 65536] [--peer-voxels 200] [--gpu]
 
-Prints one table. Times are wall seconds on this machine; the ratio column is peer / ours
+Prints one table (the full-size run on the 2-core CPU machine is kept in
+``benchmarks/refine_results/``). Times are wall seconds on this machine; the ratio column is peer / ours
 (> 1 means we are faster). Accuracy columns: median |error| / esd over the fitted voxels
 for the LiCoO2 c axis, and the fraction of voxels whose true c lies within 3 esd.
 """
