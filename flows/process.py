@@ -471,7 +471,7 @@ class ChunkLedger:
         self.dir.mkdir(parents=True, exist_ok=True)
         for p in self.dir.glob("chunk.*"):  # whatever rmtree could not remove
             p.unlink()
-        _atomic_write(self.dir / "token", self.token)
+        _atomic_write(self.dir / "token", lambda f: f.write(self.token.encode()))
 
     def keys(self, names, shape) -> list[tuple[int, ...]] | None:
         """The recorded chunk keys, or None when nothing can be resumed: no ledger, a
@@ -490,15 +490,18 @@ class ChunkLedger:
         return sorted(tuple(int(k) for k in p.stem.split(".")[1:]) for p in self.dir.glob("chunk.*.done"))
 
     def add(self, key) -> None:
-        _atomic_write(self.dir / f"chunk.{'.'.join(str(int(k)) for k in key)}.done", "")
+        _atomic_write(self.dir / f"chunk.{'.'.join(str(int(k)) for k in key)}.done", lambda f: None)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` by ``write(binary file)`` under a temporary name, then rename it into
+    place, so that a kill never leaves it half-written."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "wb") as f:
+        write(f)
     os.replace(tmp, path)
 
 
@@ -525,10 +528,7 @@ class SliceCheckpoints:
 
     def save(self, iz: int, arr: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(iz).with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-        os.replace(tmp, self._path(iz))
+        _atomic_write(self._path(iz), lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
 
     def load_maps(self, iz: int) -> tuple[dict, np.ndarray, np.ndarray] | None:
         """The kept maps of slice ``iz`` (:meth:`save_maps`), or None."""
@@ -545,12 +545,9 @@ class SliceCheckpoints:
         values), the slice's Rwp and weight fractions; one ``.npz``, renamed into place."""
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({k: [list(d), a] for k, (d, _v, a) in data.items()})
-        final = self.dir / f"z{iz:05d}.npz"
-        tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(meta), rwp=np.asarray(rwp), wf=np.asarray(wf),
-                     **{f"var.{k}": np.asarray(v) for k, (_d, v, _a) in data.items()})
-        os.replace(tmp, final)
+        _atomic_write(self.dir / f"z{iz:05d}.npz", lambda f: np.savez(
+            f, meta=np.array(meta), rwp=np.asarray(rwp), wf=np.asarray(wf),
+            **{f"var.{k}": np.asarray(v) for k, (_d, v, _a) in data.items()}))
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
