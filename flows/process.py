@@ -469,8 +469,6 @@ class ChunkLedger:
         store's token."""
         self.clear()
         self.dir.mkdir(parents=True, exist_ok=True)
-        for p in self.dir.glob("chunk.*"):  # whatever rmtree could not remove
-            p.unlink()
         _atomic_write(self.dir / "token", lambda f: f.write(self.token.encode()))
 
     def keys(self, names, shape) -> list[tuple[int, ...]] | None:

@@ -288,8 +288,8 @@ class GridWriter:
         Frame index of each grid point (:class:`tasks.ingest.Grid`).
     written : iterable of tuple of int, optional
         Keys (chunk indices along z, a, b) of chunks already in the store, written by an
-        earlier attempt (:meth:`keys_written` there): their frames count as written, and
-        :attr:`todo` leaves them out.
+        earlier attempt (the keys its ``on_flush`` received): their frames count as
+        written, and :attr:`todo` leaves them out.
     on_flush : callable(key), optional
         Called with a chunk's key once all its variables are written (e.g. to record it in
         a ledger, so that a resumed attempt skips it).
@@ -325,7 +325,7 @@ class GridWriter:
         self.reused = 0
         for key in written:
             key = tuple(int(k) for k in key)
-            if len(key) != 3 or not all(0 <= k < n for k, n in zip(key, self.n_chunks)):
+            if len(key) != 3 or not all(0 <= k < nc for k, nc in zip(key, self.n_chunks)):
                 raise ValueError(f"{store}: chunk {key} of {names[0]} is outside its "
                                  f"{self.n_chunks} chunks")
             lo, hi = self._box(key)

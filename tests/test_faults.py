@@ -49,26 +49,31 @@ def _done_stages(work: Path) -> list[str]:
         return []
 
 
+def _kill_when(cmd, ready, what):
+    """Start ``cmd``; SIGKILL it as soon as ``ready()`` holds."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not ready():
+        assert p.poll() is None, f"finished before the kill {what}: {p.stderr.read()[-2000:]}"
+        assert time.time() - t0 < 300
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", ["ingest", "integrate", "mapping"])
 def test_sigkill_then_rerun_resumes_and_equals_an_undisturbed_run(scan, reference, tmp_path, kill_after):
     """SIGKILL once the work store records ``kill_after`` as finished: during integration
-    (after ingest; :func:`test_sigkill_mid_integration_keeps_the_finished_chunks` kills it
-    half-way through a multi-slice scan), during sinogram processing (after integrate), while publishing (after
-    mapping: the PNG and provenance are being written). No product is visible after the
+    (after ingest; :func:`test_sigkill_mid_integration_then_mid_mapping_keeps_the_finished_work`
+    kills it half-way through a multi-slice scan), during sinogram processing (after
+    integrate), while publishing (after mapping: the PNG and provenance are being written). No product is visible after the
     kill; the rerun resumes (the run record lists the stages it did not redo) and publishes
     the same bytes as the undisturbed run."""
     out = tmp_path / "out"
     req = process.make_request(scan.nexus_path, "demo", scan.poni_path, out)
-    p = subprocess.Popen(_cli(scan, out), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while kill_after not in _done_stages(req.work):
-        assert p.poll() is None, f"finished before the kill: {p.stderr.read()[-2000:]}"
-        assert time.time() - t0 < 300
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
+    _kill_when(_cli(scan, out), lambda: kill_after in _done_stages(req.work), f"after {kill_after}")
     assert not req.final.exists() and not list(out.glob("*.zarr"))
     assert not Catalog.for_products(out).products()
     finished = _done_stages(req.work)
@@ -81,19 +86,6 @@ def test_sigkill_then_rerun_resumes_and_equals_an_undisturbed_run(scan, referenc
     assert tree_digest(req.final) == tree_digest(reference), tree_diff(req.final, reference)
     assert not any((out / ".work").iterdir())
     assert [x.id for x in Catalog.for_products(out).products()] == [req.product_id]
-
-
-def _kill_when(cmd, ready, what):
-    """Start ``cmd``; SIGKILL it as soon as ``ready()`` holds."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not ready():
-        assert p.poll() is None, f"finished before the kill {what}: {p.stderr.read()[-2000:]}"
-        assert time.time() - t0 < 300
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
 
 
 @pytest.mark.slow
