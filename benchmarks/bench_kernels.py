@@ -293,7 +293,7 @@ def bench_gpu(integ, frames, sino, angles, rows):
     try:
         fbp(s[:, :, :8], angles, kernel="cuda")  # compile
         t_g, _ = _best(lambda: (fbp(s, angles, kernel="cuda"), cp.cuda.Device().synchronize()), 2)
-        kern = f"Numba-CUDA kernel (SpMM {t_sp:.2f} s)"
+        kern = f"CuPy tiled kernel (SpMM {t_sp:.2f} s)"
         ref = fbp(sino[:, :, :4], angles)
         got = cp.asnumpy(fbp(s[:, :, :4], angles, kernel="cuda"))
         kern += f", rel diff vs CPU {_rel(got, ref):.1e}"

@@ -1243,12 +1243,14 @@ def load_model(path, *, device: str = "cpu", verify: bool = True) -> CnnModel:
     arch = side["architecture"]
     model = _new_model(arch["n_angle"], arch["n_translation"], side["angles_deg"],
                        {k: arch[k] for k in DEFAULT_ARCH})
-    state = torch.load(path, map_location=device, weights_only=True)
+    # loaded on the host whatever the device: the guard's arrays are numpy, and the
+    # network's weights are moved to the device once, with the network
+    state = torch.load(path, map_location="cpu", weights_only=True)
     ood = dict(side.get("ood") or {})
     for key in ("bank", "mean", "std"):
         t = state.pop(f"ood.{key}", None)
         if t is not None:
-            ood[key] = t.numpy()
+            ood[key] = t.detach().cpu().numpy()
     model.net.load_state_dict(state)
     model.net.to(device).eval()
     model.ood = ood if "bank" in ood else {}

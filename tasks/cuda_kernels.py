@@ -1,17 +1,31 @@
-"""CUDA kernels (Numba-CUDA) for the batched reconstruction: back-projection of every radial
-bin of a slice at once, bins innermost in memory.
+"""CUDA kernels (CuPy ``RawKernel``) for the batched reconstruction: back-projection of every
+radial bin of a slice at once, bins innermost in memory.
 
-The kernels are compiled on first use and take device arrays (cupy arrays, through the CUDA
-array interface) on the GPU. Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the
-same kernels run on numpy arrays on the CPU, slowly: the tests use that to check the kernel
-arithmetic against the sparse-matrix back-projection on machines without a GPU
-(tests/test_reconstruct.py), and the GPU machine checks the compiled kernel against the CPU
-path (``@pytest.mark.gpu``).
+No Numba-CUDA: numba-cuda 0.30 (the newest) fails to compile any kernel under numpy 2.5
+(it calls ``np.row_stack``), so the kernels are CUDA C compiled by NVRTC through CuPy, which
+the GPU path needs anyway. The CPU checks the arithmetic of the tiled algorithm through
+:func:`backproject_tiled_reference`, a numpy transcription of the kernel (same tiles, same
+tile-local float32 detector coordinates, same shared-memory footprint) that the tests
+compare with the sparse Joseph operator of :func:`tasks.reconstruct.backprojection_matrix`;
+the GPU machine checks the compiled kernel against the CPU FBP (``@pytest.mark.gpu``).
 
-Layout: the filtered sinogram is ``(n_angle, n_translation, n_bin)`` float32, C order, so the
-threads of a warp (consecutive bins of one pixel) read 32 consecutive floats of one detector
-sample: every read is coalesced, and one angle's plane (``n_translation x n_bin`` floats,
-2 MB for 256 x 2000) stays in L2 while all pixels use it.
+Design (Joseph back-projection, the transpose of astra-toolbox's ``linear`` projector):
+
+* one block = a tile of ``TILE x TILE`` pixels x 32 consecutive radial bins; 256 threads as
+  8 warps x 32 lanes, lane = bin, warp = one pixel row of the tile, so each thread keeps
+  ``TILE`` accumulators (one per pixel of its row) in registers;
+* per group of ``ANGLES_PER_STAGE`` angles, the block stages the detector footprint of its
+  tile (at most ``FOOTPRINT`` samples x 32 bins per angle) from global memory into shared
+  memory with coalesced 128-byte reads (bins innermost), then every thread reads its
+  samples from shared memory without bank conflicts (lane = bin = bank);
+* blocks are ordered tile-fastest, so the blocks resident at once share one 32-bin column
+  of the filtered sinogram (``n_angle x n_translation x 32`` floats, ~13 MB at
+  400 x 256): it stays in L2 and DRAM is read about once;
+* the tile origin's detector coordinate is computed in float64 per angle, the in-tile
+  offsets in float32 (|offset| < TILE * sqrt(2)), so the sub-pixel fraction keeps ~1e-6
+  absolute precision for detectors of any width.
+
+The filtered sinogram is ``(n_angle, n_translation, n_bin)`` float32, C order.
 """
 
 from __future__ import annotations
@@ -20,104 +34,147 @@ import math
 
 import numpy as np
 
+TILE = 8                 # pixels per tile side (one warp per tile row)
+LANES = 32               # bins per block (one per lane)
+ANGLES_PER_STAGE = 16    # angles staged in shared memory at once
+# detector samples a tile can touch at one angle: the projection of the tile's diagonal
+# ((TILE - 1) * (|cos| + |sin|) <= (TILE - 1) * sqrt(2)), +1 for the floor, +1 for i0 + 1,
+# +1 margin below (the footprint starts one sample early, so float32 rounding of the
+# in-tile coordinate never falls below sample 0) and +1 above
+FOOTPRINT = int(math.ceil((TILE - 1) * math.sqrt(2.0))) + 5
+
+_SOURCE = r"""
+#define TILE %(TILE)d
+#define LANES %(LANES)d
+#define AST %(AST)d
+#define FP %(FP)d
+extern "C" __global__ void bp_joseph_tiled(
+    const float* __restrict__ f,       // (na, nt, nb)
+    const double* __restrict__ cosv,   // (na,)
+    const double* __restrict__ sinv,   // (na,)
+    const float* __restrict__ inva,    // (na,) 1 / max(|cos|, |sin|)
+    const int* __restrict__ tiles,     // (n_tiles, 2): row0, col0
+    const unsigned char* __restrict__ mask,  // (nt * nt,) pixels to write
+    int na, int nt, int nb, double center, double c0,
+    float* __restrict__ out)           // (nt * nt, nb)
+{
+    __shared__ float sm[AST][FP][LANES];
+    __shared__ int jmin_s[AST];
+    __shared__ float lt_s[AST];
+    const int lane = threadIdx.x;
+    const int row = threadIdx.y;                 // 0 .. TILE - 1
+    const int tile = blockIdx.x;
+    const int b = blockIdx.y * LANES + lane;
+    const int r0 = tiles[2 * tile];
+    const int q0 = tiles[2 * tile + 1];
+    // tile origin (row r0, column q0) in translation steps: x = q - c0, y = c0 - r
+    const double x0 = (double)q0 - c0;
+    const double y0 = c0 - (double)r0;
+    float acc[TILE];
+    #pragma unroll
+    for (int k = 0; k < TILE; ++k) acc[k] = 0.0f;
+    const int tid = row * LANES + lane;
+    const int nthreads = LANES * TILE;
+    for (int a0 = 0; a0 < na; a0 += AST) {
+        const int nag = min(AST, na - a0);
+        if (tid < nag) {
+            const int a = a0 + tid;
+            const double c = cosv[a], s = sinv[a];
+            const double to = x0 * c + y0 * s + center;
+            // corners of the tile: offsets dx * c - dy * s with dx, dy in [0, TILE - 1]
+            double lo = to + fmin(0.0, (TILE - 1) * c) + fmin(0.0, -(TILE - 1) * s);
+            int jm = (int)floor(lo) - 1;
+            jmin_s[tid] = jm;
+            lt_s[tid] = (float)(to - (double)jm);
+        }
+        __syncthreads();
+        for (int e = tid / LANES; e < nag * FP; e += nthreads / LANES) {
+            const int al = e / FP;
+            const int k = e - al * FP;
+            const int j = jmin_s[al] + k;
+            float v = 0.0f;
+            if (b < nb && j >= 0 && j < nt) v = f[((size_t)(a0 + al) * nt + j) * nb + b];
+            sm[al][k][lane] = v;
+        }
+        __syncthreads();
+        for (int al = 0; al < nag; ++al) {
+            const int a = a0 + al;
+            const float c = (float)cosv[a], s = (float)sinv[a];
+            const float inv = inva[a];
+            const float base = lt_s[al] - (float)row * s;
+            #pragma unroll
+            for (int dx = 0; dx < TILE; ++dx) {
+                const float t = base + (float)dx * c;
+                const float fl = floorf(t);
+                const float frac = t - fl;
+                int i0 = (int)fl;
+                i0 = max(0, min(FP - 2, i0));
+                const float w0 = fmaxf(0.0f, 1.0f - frac * inv) * inv;
+                const float w1 = fmaxf(0.0f, 1.0f - (1.0f - frac) * inv) * inv;
+                acc[dx] += w0 * sm[al][i0][lane] + w1 * sm[al][i0 + 1][lane];
+            }
+        }
+        __syncthreads();
+    }
+    if (b >= nb) return;
+    const int r = r0 + row;
+    if (r >= nt) return;
+    #pragma unroll
+    for (int dx = 0; dx < TILE; ++dx) {
+        const int q = q0 + dx;
+        if (q < nt) {
+            const size_t p = (size_t)r * nt + q;
+            if (mask[p]) out[p * nb + b] = acc[dx];
+        }
+    }
+}
+""" % {"TILE": TILE, "LANES": LANES, "AST": ANGLES_PER_STAGE, "FP": FOOTPRINT}
+
 _KERNELS: dict = {}
-cuda = None  # numba.cuda, imported on first use (a module global: the simulator swaps it)
 
 
 class CudaKernelError(RuntimeError):
-    """The Numba-CUDA kernels cannot run here (numba missing, no GPU and no simulator)."""
+    """The CUDA kernels cannot run here (cupy missing or no GPU)."""
 
 
 def available() -> tuple[bool, str]:
-    """Whether the Numba-CUDA kernels can run: (ok, reason)."""
-    try:
-        from numba import cuda  # noqa: PLC0415
-    except ImportError as err:
-        return False, f"numba is not installed ({err})"
-    try:
-        if cuda.is_available():
-            return True, "numba-cuda sees a GPU"
-    except Exception as err:  # noqa: BLE001 - any driver problem means "not available"
-        return False, f"numba-cuda: {err}"
-    return False, "numba-cuda sees no GPU"
+    """Whether the CuPy CUDA kernels can run: ``(ok, reason)``; never raises."""
+    from tasks._xp import gpu_status  # noqa: PLC0415
+
+    return gpu_status()
 
 
-def _build():
-    global cuda
-    from numba import cuda  # noqa: PLC0415
+def _kernel():
+    if "bp" not in _KERNELS:
+        import cupy as cp  # noqa: PLC0415
 
-    @cuda.jit(fastmath=False)
-    def bp_joseph(f, cosv, sinv, inv_a, xs, ys, center, out):
-        """out[p, b] = sum_a sum_{k=0,1} w_k(a, p) f[a, i0 + k, b] (Joseph weights)."""
-        p = cuda.blockIdx.x
-        b = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-        na, nt, nb = f.shape
-        if b >= nb or p >= xs.shape[0]:
-            return
-        x = xs[p]
-        y = ys[p]
-        acc = np.float32(0.0)
-        for a in range(na):
-            t = x * cosv[a] + y * sinv[a] + center
-            i0 = math.floor(t)
-            frac = np.float32(t - i0)
-            inv = inv_a[a]
-            w0 = max(np.float32(0.0), np.float32(1.0) - frac * inv) * inv
-            w1 = max(np.float32(0.0), np.float32(1.0) - (np.float32(1.0) - frac) * inv) * inv
-            j = int(i0)
-            if 0 <= j < nt:
-                acc += w0 * f[a, j, b]
-            if 0 <= j + 1 < nt:
-                acc += w1 * f[a, j + 1, b]
-        out[p, b] = acc
-
-    _KERNELS["bp_joseph"] = bp_joseph
+        _KERNELS["bp"] = cp.RawKernel(_SOURCE, "bp_joseph_tiled", options=("-std=c++14",))
+    return _KERNELS["bp"]
 
 
-def backproject_joseph(f, angles_rad, center: float, xs, ys, out=None, *, threads: int = 128):
-    """Back-project a filtered sinogram onto a set of pixels, every bin at once (CUDA kernel).
-
-    Same operator as :func:`tasks.reconstruct.backprojection_matrix` with
-    ``interpolation="joseph"`` (the transpose of astra-toolbox's ``linear``/Joseph projector):
-    for each angle, the pixel's detector coordinate ``t = x cos + y sin + center`` is
-    interpolated with a triangle of half-width ``a = max(|cos|, |sin|)`` and height ``1/a``;
-    samples off the detector read zeros. One thread per (pixel, bin), the bins of a pixel in
-    consecutive threads; the pixel's coordinate is computed in float64, the weights and the
-    sum in float32.
+def tiles_for(mask):
+    """Origins of the ``TILE x TILE`` pixel tiles that hold at least one pixel of ``mask``.
 
     Parameters
     ----------
-    f : cupy.ndarray (numpy under the simulator), shape (n_angle, n_translation, n_bin), float32
-        Filtered sinogram, C-contiguous.
-    angles_rad : array_like, shape (n_angle,)
-        Angles in radians (host array).
-    center : float
-        Rotation-axis position in translation pixels.
-    xs, ys : array, shape (n_pixel,), float64
-        Pixel centres in translation steps, on the same device as ``f``.
-    out : array, shape (n_pixel, n_bin), float32, optional
-        Written in place; allocated when None.
-    threads : int
-        Threads per block along the bins (a multiple of 32).
+    mask : numpy.ndarray, shape (n, n), bool
+        Pixels to reconstruct (rows = y from top, columns = x).
 
     Returns
     -------
-    array, shape (n_pixel, n_bin), float32
-        On the module of ``f``.
-
-    Raises
-    ------
-    CudaKernelError
-        numba is not installed.
-    ValueError
-        Wrong shapes or dtypes.
+    numpy.ndarray, shape (n_tiles, 2), int32
+        ``(row0, col0)`` of each tile, row-major.
     """
-    try:
-        from numba import cuda  # noqa: PLC0415
-    except ImportError as err:
-        raise CudaKernelError(f"numba is not installed: {err}") from err
-    if "bp_joseph" not in _KERNELS:
-        _build()
+    n = mask.shape[0]
+    nt_ = (n + TILE - 1) // TILE
+    pad = np.zeros((nt_ * TILE, nt_ * TILE), bool)
+    pad[:n, :n] = mask
+    any_ = pad.reshape(nt_, TILE, nt_, TILE).any(axis=(1, 3))
+    r, q = np.nonzero(any_)
+    return np.stack([r * TILE, q * TILE], axis=1).astype(np.int32)
+
+
+def _check(f, angles_rad, mask):
     if f.ndim != 3 or f.dtype != np.float32:
         raise ValueError(f"f: expected a (n_angle, n_translation, n_bin) float32 array, got "
                          f"shape {tuple(f.shape)} dtype {f.dtype}")
@@ -125,21 +182,122 @@ def backproject_joseph(f, angles_rad, center: float, xs, ys, out=None, *, thread
     ang = np.asarray(angles_rad, np.float64)
     if ang.shape != (na,):
         raise ValueError(f"angles_rad: expected {na} angles, got shape {ang.shape}")
-    npix = int(xs.shape[0])
-    mod = type(f).__module__.split(".")[0]
-    xp = np
-    if mod == "cupy":
-        import cupy as xp  # noqa: PLC0415
+    if tuple(mask.shape) != (nt, nt):
+        raise ValueError(f"mask: expected shape ({nt}, {nt}), got {tuple(mask.shape)}")
+    return na, nt, nb, ang
+
+
+def backproject_joseph(f, angles_rad, center: float, mask, out=None):
+    """Back-project a filtered sinogram onto the square image grid, every bin at once (GPU).
+
+    Same operator as :func:`tasks.reconstruct.backprojection_matrix` with
+    ``interpolation="joseph"`` (the transpose of astra-toolbox's ``linear``/Joseph projector;
+    Joseph 1982, IEEE TMI 1:192): for each angle, the pixel's detector coordinate
+    ``t = x cos + y sin + center`` is interpolated with a triangle of half-width
+    ``a = max(|cos|, |sin|)`` and height ``1/a``; samples off the detector read zeros.
+    Pixel ``(row i, column j)`` sits at ``x = j - c0``, ``y = c0 - i`` translation steps,
+    ``c0 = (n - 1) / 2``.
+
+    Parameters
+    ----------
+    f : cupy.ndarray, shape (n_angle, n_translation, n_bin), float32
+        Filtered sinogram, C-contiguous.
+    angles_rad : array_like, shape (n_angle,)
+        Angles in radians (host array).
+    center : float
+        Rotation-axis position in translation pixels.
+    mask : numpy.ndarray, shape (n_translation, n_translation), bool
+        Pixels to compute; the others are left untouched in ``out``.
+    out : cupy.ndarray, shape (n_translation * n_translation, n_bin), float32, optional
+        Written in place where ``mask``; allocated with zeros when None.
+
+    Returns
+    -------
+    cupy.ndarray, shape (n_translation * n_translation, n_bin), float32
+
+    Raises
+    ------
+    CudaKernelError
+        cupy is not installed or sees no GPU.
+    ValueError
+        Wrong shapes or dtypes.
+    """
+    try:
+        import cupy as cp  # noqa: PLC0415
+    except ImportError as err:
+        raise CudaKernelError(f"cupy is not installed: {err}") from err
+    na, nt, nb, ang = _check(f, angles_rad, mask)
+    mask = np.asarray(mask, bool)
+    tiles = tiles_for(mask)
     inv = (1.0 / np.maximum(np.abs(np.cos(ang)), np.abs(np.sin(ang)))).astype(np.float32)
-    cosv, sinv, inv_a = (xp.asarray(v) for v in (np.cos(ang), np.sin(ang), inv))
     if out is None:
-        out = xp.empty((npix, nb), dtype=xp.float32)
-    threads = max(32, min(int(threads), 32 * ((nb + 31) // 32)))
-    grid = (npix, (nb + threads - 1) // threads)
-    kern = _KERNELS["bp_joseph"]
-    if xp is not np:
-        stream = cuda.external_stream(xp.cuda.get_current_stream().ptr)
-        kern[grid, threads, stream](f, cosv, sinv, inv_a, xs, ys, np.float64(center), out)
-    else:  # the CUDA simulator
-        kern[grid, threads](f, cosv, sinv, inv_a, xs, ys, np.float64(center), out)
+        out = cp.zeros((nt * nt, nb), dtype=cp.float32)
+    if tiles.shape[0] == 0:
+        return out
+    f = cp.ascontiguousarray(f)
+    args = (f, cp.asarray(np.cos(ang)), cp.asarray(np.sin(ang)), cp.asarray(inv),
+            cp.asarray(tiles), cp.asarray(mask.ravel().astype(np.uint8)),
+            np.int32(na), np.int32(nt), np.int32(nb), np.float64(center),
+            np.float64((nt - 1) / 2.0), out)
+    grid = (int(tiles.shape[0]), (nb + LANES - 1) // LANES)
+    _kernel()(grid, (LANES, TILE), args)
+    return out
+
+
+def backproject_tiled_reference(f, angles_rad, center: float, mask):
+    """The GPU kernel's algorithm in numpy, for checking its arithmetic on the CPU.
+
+    Transcribes :func:`backproject_joseph`'s kernel step by step (tiles, the float64 tile
+    origin and float32 in-tile offsets, the clamped ``FOOTPRINT``-sample staging of each
+    angle), vectorised over bins. Slow; for tests.
+
+    Parameters
+    ----------
+    f : numpy.ndarray, shape (n_angle, n_translation, n_bin), float32
+    angles_rad : array_like, shape (n_angle,)
+    center : float
+    mask : numpy.ndarray, shape (n_translation, n_translation), bool
+
+    Returns
+    -------
+    numpy.ndarray, shape (n_translation * n_translation, n_bin), float32
+    """
+    na, nt, nb, ang = _check(f, angles_rad, mask)
+    c0 = (nt - 1) / 2.0
+    out = np.zeros((nt * nt, nb), np.float32)
+    cosd, sind = np.cos(ang), np.sin(ang)
+    inv = (1.0 / np.maximum(np.abs(cosd), np.abs(sind))).astype(np.float32)
+    fpad = np.zeros((na, nt + 2 * FOOTPRINT + 2, nb), np.float32)
+    off = FOOTPRINT + 1
+    fpad[:, off:off + nt] = f
+    for r0, q0 in tiles_for(mask):
+        x0, y0 = q0 - c0, c0 - r0
+        acc = np.zeros((TILE, TILE, nb), np.float32)
+        for a in range(na):
+            c, s = cosd[a], sind[a]
+            to = x0 * c + y0 * s + center
+            jm = int(np.floor(to + min(0.0, (TILE - 1) * c) + min(0.0, -(TILE - 1) * s))) - 1
+            lt = np.float32(to - jm)
+            lo, hi = jm + off, jm + off + FOOTPRINT
+            if hi <= 0 or lo >= fpad.shape[1]:
+                continue  # the whole footprint is off the detector: zeros
+            sm = np.zeros((FOOTPRINT, nb), np.float32)
+            a_lo, a_hi = max(lo, 0), min(hi, fpad.shape[1])
+            sm[a_lo - lo:a_hi - lo] = fpad[a, a_lo:a_hi]
+            cf, sf, iv = np.float32(c), np.float32(s), inv[a]
+            for row in range(TILE):
+                base = np.float32(lt - np.float32(row) * sf)
+                for dx in range(TILE):
+                    t = np.float32(base + np.float32(dx) * cf)
+                    fl = np.floor(t)
+                    frac = np.float32(t - fl)
+                    i0 = min(max(int(fl), 0), FOOTPRINT - 2)
+                    w0 = np.float32(max(0.0, 1.0 - frac * iv) * iv)
+                    w1 = np.float32(max(0.0, 1.0 - (1.0 - frac) * iv) * iv)
+                    acc[row, dx] += w0 * sm[i0] + w1 * sm[i0 + 1]
+        for row in range(TILE):
+            for dx in range(TILE):
+                r, q = r0 + row, q0 + dx
+                if r < nt and q < nt and mask[r, q]:
+                    out[r * nt + q] = acc[row, dx]
     return out

@@ -176,6 +176,21 @@ def test_save_load_round_trip_weights_only(model, held, tmp_path):
 
 
 @pytest.mark.slow
+def test_load_model_onto_another_device_keeps_the_guard_on_the_host(model, tmp_path):
+    """Loading onto a non-CPU device (torch's ``meta`` device stands in for CUDA here: a
+    tensor on it has no host data, so ``.numpy()`` on it raises as it does on a CUDA
+    tensor) gives the network on that device and the guard's arrays as numpy; the
+    ``.numpy()``-on-CUDA bug found on the H200 fails this test on the CPU."""
+    path = tmp_path / "m.pt"
+    cnn.save_model(model, path, name="t")
+    loaded = cnn.load_model(path, device="meta")
+    assert next(loaded.net.parameters()).device.type == "meta"
+    for key in ("bank", "mean", "std"):
+        assert isinstance(loaded.ood[key], np.ndarray)
+        np.testing.assert_array_equal(loaded.ood[key], np.asarray(model.ood[key], np.float32))
+
+
+@pytest.mark.slow
 def test_bad_input_names_the_argument(model):
     with pytest.raises(cnn.CnnError, match="sino"):
         cnn.predict(model, np.zeros((N_ANGLE, SIZE + 1), np.float32))
