@@ -115,6 +115,22 @@ class _Csr:
             self.starts = np.asarray(indptr[:-1])[self.nonempty]
         self._gpu = None
 
+    def gpu_raw(self, omega, dark):
+        """The CSR arrays on the GPU for :func:`tasks.cuda_kernels.integrate_csr`, built once:
+        ``(indptr int32, indices int32, coef float32, omega float32, dark float32 or None,
+        norm float64)``."""
+        if getattr(self, "_gpu_raw", None) is None:
+            import cupy  # noqa: PLC0415
+
+            A = self.A
+            self._gpu_raw = (cupy.asarray(A.indptr.astype(np.int32)),
+                             cupy.asarray(A.indices.astype(np.int32)),
+                             cupy.asarray(A.data.astype(np.float32)),
+                             cupy.asarray(np.asarray(omega, np.float32)),
+                             None if dark is None else cupy.asarray(np.asarray(dark, np.float32)),
+                             cupy.asarray(np.asarray(self.norm, np.float64)))
+        return self._gpu_raw
+
     def gpu(self):
         """The matrix on the GPU (cupyx.scipy.sparse), built once."""
         if self._gpu is None:
@@ -320,11 +336,10 @@ class RadialIntegrator:
     def gpu_bytes(self, frame_dtype, method: str = "mean") -> tuple[int, int]:
         """Device memory of one integration method on cupy frames: (bytes per frame, fixed).
 
-        ``mean`` (:meth:`integrate`), per frame: the raw frame in its detector dtype, its
-        float32 pixel-major copy, the Poisson variance, the invalid-pixel mask and its
-        float32 weights, a float32 temporary of the dummy test, and six float32 ``(npt,)``
-        results. Fixed: the CSR matrix and its square (float32 data + int32 indices),
-        ``omega``, dark and norm. ``sigma_clip`` / ``trimmed_mean`` (the array-module paths
+        ``mean`` (:meth:`integrate`, the fused kernel
+        :func:`tasks.cuda_kernels.integrate_csr`), per frame: the raw frame in its detector
+        dtype and two float32 ``(npt,)`` results. Fixed: the CSR arrays (float32 data + int32
+        indices), ``omega``, dark and norm. ``sigma_clip`` / ``trimmed_mean`` (the array-module paths
         :meth:`_sigma_clip_array`, :meth:`_trimmed_mean_array`): per pixel and frame, the
         float32 entries, values and variance, masks, and the float64 prefix sums (and for
         the trimmed mean the int64 sort order and float64 keys, weights and running sums)
@@ -338,15 +353,17 @@ class RadialIntegrator:
         """
         csr = self._csr(self.split)
         npix = int(np.prod(self.shape))
-        per_pixel = np.dtype(frame_dtype).itemsize + 4 + 4 + 1 + 4 + 4 + 4
-        per_frame = npix * per_pixel + 6 * 4 * csr.nbins
         if method in ("sigma_clip", "trimmed_mean"):
             nnz = int(self._csr("no").A.nnz)
             per_entry = 56 if method == "sigma_clip" else 88
             per_frame = npix * np.dtype(frame_dtype).itemsize + nnz * per_entry + 16 * 8 * csr.nbins
             return int(per_frame), int(nnz * (8 + 4 + 8 + 4) + csr.nbins * 16)
+        # the fused kernel reads the frame in place: per frame only its bytes (a contiguous
+        # copy at most) and the two float32 results; fixed: the CSR arrays (float32 + int32
+        # per entry), omega and dark (float32), norm (float64)
         nnz = int(csr.A.nnz)
-        fixed = 2 * (nnz * 8 + (csr.nbins + 1) * 4) + npix * 8 + csr.nbins * 8
+        per_frame = npix * np.dtype(frame_dtype).itemsize + 2 * 4 * csr.nbins
+        fixed = nnz * 8 + (csr.nbins + 1) * 4 + npix * 8 + csr.nbins * 8
         return int(per_frame), int(fixed)
 
     # ---------------------------------------------------------------- inputs
@@ -484,7 +501,19 @@ class RadialIntegrator:
         return intensity, sigma
 
     def _integrate_gpu(self, cp, f, mon, csr):
-        """cupy path: the whole batch as one cuSPARSE product (same arithmetic)."""
+        """cupy path: one fused CSR kernel over the frames in their detector dtype
+        (:func:`tasks.cuda_kernels.integrate_csr`; same arithmetic as the CPU path, float64
+        accumulation)."""
+        from tasks.cuda_kernels import integrate_csr  # noqa: PLC0415
+
+        indptr, indices, coef, omega, dark, norm = csr.gpu_raw(self.omega, self._dark_flat)
+        dummy, delta = self.dummies(f.dtype)
+        return integrate_csr(f, indptr, indices, coef, omega, norm, monitor=mon, dark=dark,
+                             dummy=dummy, delta=delta, poisson=self.error_model == "poisson")
+
+    def _integrate_gpu_spmm(self, cp, f, mon, csr):
+        """cupy path by cuSPARSE products (the previous implementation; kept as the
+        benchmark's reference for the fused kernel)."""
         A, A2, norm = csr.gpu()
         n = f.shape[0]
         x = cp.ascontiguousarray(f.reshape(n, -1).T, dtype=cp.float32)
@@ -1349,70 +1378,133 @@ def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, pr
     frame_bytes = H * W * dtype.itemsize
     per_frame, fixed = integ.gpu_bytes(dtype, ispec.method)
     free = free_gpu_bytes() if free_bytes is None else int(free_bytes)
-    # two device frame buffers (in flight + being computed) besides the compute temporaries
-    batch = batch_from_free_memory(free, per_frame + frame_bytes, fixed, fraction=0.5,
-                                   max_items=min(n, max(1, max_batch_bytes // (2 * frame_bytes))),
+    nbuf = STAGING_BUFFERS
+    # nbuf device frame buffers (staged, in flight, being computed) besides the temporaries
+    batch = batch_from_free_memory(free, per_frame + (nbuf - 1) * frame_bytes, fixed,
+                                   fraction=0.5,
+                                   max_items=min(n, max(1, max_batch_bytes // (nbuf * frame_bytes))),
                                    what=f"GPU integration of {H}x{W} {dtype} frames")
     dummy, delta = integ.dummies(dtype)
     source = _batch_source(scan)
     ranges = batch_ranges(n, batch, todo)
     total = sum(e - s for s, e in ranges)
     done = 0
-    pinned = [cupyx.empty_pinned((batch, H, W), dtype) for _ in range(2)]
-    dev = [cp.empty((batch, H, W), dtype) for _ in range(2)]
+    pinned = [cupyx.empty_pinned((batch, H, W), dtype) for _ in range(nbuf)]
+    dev = [cp.empty((batch, H, W), dtype) for _ in range(nbuf)]
     copy_stream = cp.cuda.Stream(non_blocking=True)
     comp_stream = cp.cuda.Stream(non_blocking=True)
-    copied: list = [None, None]
-    computed: list = [None, None]
+    copied: list = [None] * nbuf      # H2D of buffer j done (pinned[j] free, dev[j] ready)
+    computed: list = [None] * nbuf    # kernels reading dev[j] done
+    copier = ThreadPoolExecutor(copy_threads())
 
     def load(r):
         s, e = r
         return s, e, _read_block(source, s, e)
 
     def stage(k, block):
-        """Host block -> pinned[k%2] -> device[k%2] (async on the copy stream)."""
-        j = k % 2
+        """Host block -> pinned[k % nbuf] (several threads) -> device (async, copy stream)."""
+        j = k % nbuf
         m = block.shape[0]
         if copied[j] is not None:
-            copied[j].synchronize()  # pinned[j] no longer read by the previous copy
-        pinned[j][:m] = block
+            copied[j].synchronize()  # pinned[j] no longer read by an earlier copy
+        parallel_copy(pinned[j][:m], block, copier)
         if computed[j] is not None:
-            copy_stream.wait_event(computed[j])  # device[j] no longer read by the kernels
+            copy_stream.wait_event(computed[j])  # dev[j] no longer read by the kernels
         dev[j][:m].set(pinned[j][:m], stream=copy_stream)
         copied[j] = copy_stream.record()
 
-    with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(load, ranges[0])
-        s0, e0, block = fut.result()
-        if len(ranges) > 1:
-            fut = pool.submit(load, ranges[1])
-        stage(0, block)
-        cur = (s0, e0)
-        for k in range(len(ranges)):
-            j = k % 2
-            s, e = cur
-            m = e - s
-            nxt = None
-            if k + 1 < len(ranges):  # stage batch k+1 while batch k computes
-                s1, e1, block = fut.result()
-                if k + 2 < len(ranges):
-                    fut = pool.submit(load, ranges[k + 2])
-                stage(k + 1, block)
-                nxt = (s1, e1)
-                del block
-            comp_stream.wait_event(copied[j])
-            with comp_stream:
-                f = dev[j][:m]
-                mon = None if scan.monitor is None else scan.monitor[s:e]
-                i, sg = integrate_batch(integ, f, mon, ispec, src, s, dummy, delta)
-                computed[j] = comp_stream.record()
-                i_h = i.get(stream=comp_stream)
-                sg_h = None if sg is None else sg.get(stream=comp_stream)
-            comp_stream.synchronize()
-            emit(s, e, i_h, sg_h)
-            done += m
-            if progress is not None:
-                progress(done, total)
-            cur = nxt
-    copy_stream.synchronize()
+    def compute(k, s, e):
+        """Queue batch k's kernels and the copy of its results; returns the host results'
+        event and arrays (filled when the event has completed)."""
+        j = k % nbuf
+        m = e - s
+        comp_stream.wait_event(copied[j])
+        with comp_stream:
+            mon = None if scan.monitor is None else scan.monitor[s:e]
+            i, sg = integrate_batch(integ, dev[j][:m], mon, ispec, src, s, dummy, delta)
+            computed[j] = comp_stream.record()
+            i_h = cupyx.empty_pinned(i.shape, i.dtype)
+            i.get(stream=comp_stream, out=i_h, blocking=False)
+            sg_h = None
+            if sg is not None:
+                sg_h = cupyx.empty_pinned(sg.shape, sg.dtype)
+                sg.get(stream=comp_stream, out=sg_h, blocking=False)
+            return comp_stream.record(), i_h, sg_h
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(load, ranges[0])
+            s0, e0, block = fut.result()
+            if len(ranges) > 1:
+                fut = pool.submit(load, ranges[1])
+            stage(0, block)
+            cur = (s0, e0)
+            for k in range(len(ranges)):
+                s, e = cur
+                # order: queue batch k on the GPU first, then stage batch k+1 on the host
+                # while it runs, then collect k's results (no device-wide synchronisation)
+                ev, i_h, sg_h = compute(k, s, e)
+                nxt = None
+                if k + 1 < len(ranges):
+                    s1, e1, block = fut.result()
+                    if k + 2 < len(ranges):
+                        fut = pool.submit(load, ranges[k + 2])
+                    stage(k + 1, block)
+                    nxt = (s1, e1)
+                    del block
+                ev.synchronize()
+                emit(s, e, np.array(i_h), None if sg_h is None else np.array(sg_h))
+                done += e - s
+                if progress is not None:
+                    progress(done, total)
+                cur = nxt
+        copy_stream.synchronize()
+    finally:
+        copier.shutdown(wait=True)
     return batch
+
+
+STAGING_BUFFERS = 3
+
+
+def copy_threads() -> int:
+    """Threads that copy frames into pinned staging buffers: all cores, at most 16."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def parallel_copy(dst: np.ndarray, src: np.ndarray, pool: ThreadPoolExecutor | None = None,
+                  min_bytes: int = 1 << 22) -> None:
+    """``dst[...] = src`` by several threads, split along the first axis and then in
+    contiguous row blocks (numpy releases the GIL while it copies).
+
+    A single thread copies ~5-10 GB/s into pinned memory; the host-to-device link moves
+    ~50 GB/s, so the staging copy must use several cores to keep it busy.
+
+    Parameters
+    ----------
+    dst, src : numpy.ndarray, same shape
+        ``dst`` is typically a pinned buffer; dtypes may differ (numpy casting rules).
+    pool : ThreadPoolExecutor, optional
+        Threads to use; None copies in the calling thread.
+    min_bytes : int
+        Pieces are at least this large.
+
+    Raises
+    ------
+    ValueError
+        Shapes differ.
+    """
+    if dst.shape != src.shape:
+        raise ValueError(f"parallel_copy: shapes differ, {dst.shape} vs {src.shape}")
+    if pool is None or dst.nbytes < 2 * min_bytes or dst.ndim == 0:
+        np.copyto(dst, src)
+        return
+    d2 = dst.reshape(dst.shape[0] * (dst.shape[1] if dst.ndim > 1 else 1), -1) if dst.ndim > 1 \
+        else dst.reshape(-1, 1)
+    s2 = src.reshape(d2.shape)
+    rows = d2.shape[0]
+    pieces = max(1, min(rows, 4 * copy_threads(), dst.nbytes // min_bytes))
+    edges = np.linspace(0, rows, pieces + 1).astype(int)
+    futs = [pool.submit(np.copyto, d2[a:b], s2[a:b]) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    for f in futs:
+        f.result()

@@ -380,3 +380,24 @@ def test_gpu_clipping_filters_match_cpu(ri_q, frame2m, hot_frame):
     for k in range(2):
         assert _clip_agrees(cp.asnumpy(g)[k], c[k]) and _clip_agrees(cp.asnumpy(gs)[k], cs[k])
         assert _rel(cp.asnumpy(t_gpu)[k], t_cpu[k]) < 1e-4
+
+
+@pytest.mark.parametrize("shape, dtype", [((5, 64, 48), np.uint32), ((3, 1000, 700), np.uint16),
+                                          ((1, 2048, 1024), np.int32), ((7,), np.float32)])
+def test_parallel_copy_into_staging_buffers(shape, dtype):
+    """The GPU path's host staging copy (several threads, pieces along rows) writes every
+    element once and only where asked: equal to the source, and the rest of a larger
+    staging buffer untouched (the copy into pinned[j][:m] of a partial last batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.integrate import parallel_copy
+
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 60000, size=shape).astype(dtype)
+    buf = np.full((shape[0] + 2,) + shape[1:], 7, dtype)
+    with ThreadPoolExecutor(4) as pool:
+        parallel_copy(buf[:shape[0]], src, pool, min_bytes=1 << 12)
+    np.testing.assert_array_equal(buf[:shape[0]], src)
+    assert np.all(buf[shape[0]:] == 7)
+    with pytest.raises(ValueError, match="shapes differ"):
+        parallel_copy(buf, src)
