@@ -110,9 +110,10 @@ def test_integrator_gpu_bytes_and_batch(sim):
     integ = integrator_from_spec(_spec(sim), shape=(213, 206))
     per_frame, fixed = integ.gpu_bytes(np.uint32)
     npix = 213 * 206
-    assert per_frame == npix * (4 + 21) + 6 * 4 * 500
+    # the fused kernel reads frames in place: the frame and two float32 results per frame
+    assert per_frame == npix * 4 + 2 * 4 * 500
     nnz = integ._csr("bbox").A.nnz
-    assert fixed == 2 * (nnz * 8 + 501 * 4) + npix * 8 + 500 * 8
+    assert fixed == nnz * 8 + 501 * 4 + npix * 8 + 500 * 8
     assert integ.gpu_bytes(np.uint16)[0] == per_frame - 2 * npix  # frames stay 2-byte ints
     # what the GPU path would pick on an 80 GB card and on a 4 GB card
     big = batch_from_free_memory(80 * 10 ** 9, per_frame + npix * 4, fixed)
