@@ -277,35 +277,6 @@ def test_limited_angle_warns():
     assert any("covers only" in str(x.message) for x in w)
 
 
-@pytest.mark.gpu
-def test_cupy_path_equals_numpy():
-    """The same code on cupy arrays (cupyx.scipy.sparse, cupy.fft) gives the CPU result."""
-    cp = pytest.importorskip("cupy")
-    from tasks.sinogram import process_sinogram, shift_sinogram
-    from pipelines.spec import SinogramSpec
-
-    n, nb = 96, 8
-    ang = np.arange(120) * 1.5
-    img = phantom(n, nb)
-    sino = radon(img, ang, center=45.6)
-    sino_gpu = radon(cp.asarray(img), ang, center=45.6)
-    assert isinstance(sino_gpu, cp.ndarray)
-    np.testing.assert_allclose(cp.asnumpy(sino_gpu), sino, rtol=0, atol=1e-5 * sino.max())
-    for filt in FILTERS:
-        ref = fbp(sino, ang, center=45.6, filter=filt)
-        got = fbp(cp.asarray(sino), ang, center=45.6, filter=filt)
-        assert isinstance(got, cp.ndarray)
-        assert rel_rms(cp.asnumpy(got), ref, np.ones(ref.shape, bool)) < 1e-5
-        for kernel in ("cuda", "spmm"):
-            got = fbp(cp.asarray(sino), ang, center=45.6, filter=filt, kernel=kernel)
-            assert rel_rms(cp.asnumpy(got), ref, np.ones(ref.shape, bool)) < 1e-5, kernel
-    sh = shift_sinogram(cp.asarray(sino), 0.37)
-    np.testing.assert_allclose(cp.asnumpy(sh), shift_sinogram(sino, 0.37), atol=1e-4 * sino.max())
-    out, info = process_sinogram(sino, ang, SinogramSpec())
-    assert abs(info["center_px"] - 45.6) < 0.25
-
-
-
 @pytest.mark.parametrize("na, nt, nb, c, circle", [
     (7, 9, 5, 4.3, False),      # one partial tile, axis off-centre
     (5, 19, 33, 2.0, False),    # three tiles a side, samples off the detector, bin tail
@@ -317,7 +288,7 @@ def test_cuda_backprojection_algorithm_equals_sparse_operator(na, nt, nb, c, cir
     numpy by backproject_tiled_reference, equals the sparse Joseph operator that the CPU FBP
     uses (partial tiles, an off-centre axis, samples off the detector, angles near 45 deg
     where the footprint is widest). The compiled kernel is checked on a GPU by
-    test_cupy_path_equals_numpy (gpu)."""
+    tests/test_backend.py::test_cupy_fbp_paths_equal_numpy (gpu)."""
     from tasks.cuda_kernels import backproject_tiled_reference
     from tasks.reconstruct import _pixel_coords, backprojection_matrix, circle_mask
 
