@@ -266,6 +266,25 @@ def bench_gpu(integ, frames, sino, angles, rows, gpu_frames=256):
         return out
 
     t_spmm, _ = _best(spmm_from_device, 2)
+    # launch-shape sweep of the fused kernel (frames per block x threads), same frames
+    from tasks.cuda_kernels import integrate_csr
+
+    raw = csr.gpu_raw(integ.omega, integ._dark_flat)
+    sweep = []
+    for nf, nth in ((4, 256), (8, 256), (16, 256), (8, 128), (16, 128), (32, 128), (16, 512)):
+        def one(nf=nf, nth=nth):
+            out = integrate_csr(dev, *raw[:4], raw[5], dark=raw[4], dummy=integ.dummies(dev.dtype)[0],
+                                delta=integ.dummies(dev.dtype)[1], frames_per_block=nf, threads=nth)
+            cp.cuda.Device().synchronize()
+            return out
+        try:
+            one()
+            t, _ = _best(one, 3)
+            sweep.append(f"{nf}x{nth}: {n / t:.0f}")
+        except Exception as err:  # noqa: BLE001 - report the shape that fails
+            sweep.append(f"{nf}x{nth}: {type(err).__name__}")
+    rows.append(("GPU integrate1d launch sweep", f"{n} x 2048x2048 u32", "-", "-", None,
+                 "frames/block x threads: fr/s  " + ", ".join(sweep)))
     rows.append(("GPU integrate1d on device", f"{n} x 2048x2048 u32", f"{n / t_dev:.0f} fr/s fused",
                  f"{n / t_spmm:.0f} fr/s SpMM", t_spmm / t_dev,
                  f"fused CSR kernel (u32 read in place, float64 sums) vs the previous cuSPARSE path, "

@@ -390,22 +390,22 @@ _CTYPES = {"uint8": "unsigned char", "int8": "signed char", "uint16": "unsigned 
            "float64": "double", "int64": "long long", "uint64": "unsigned long long"}
 
 
-def _integrate_kernel(dtype):
-    key = ("integrate", np.dtype(dtype).name)
+def _integrate_kernel(dtype, nf=FRAMES_PER_BLOCK, nt=INTEGRATE_THREADS):
+    key = ("integrate", np.dtype(dtype).name, nf, nt)
     if key not in _KERNELS:
         import cupy as cp  # noqa: PLC0415
 
         name = np.dtype(dtype).name
         if name not in _CTYPES:
             raise ValueError(f"frames: dtype {name} has no integration kernel")
-        src = _INTEGRATE_SOURCE % {"NF": FRAMES_PER_BLOCK, "NT": INTEGRATE_THREADS,
-                                   "T": _CTYPES[name]}
+        src = _INTEGRATE_SOURCE % {"NF": nf, "NT": nt, "T": _CTYPES[name]}
         _KERNELS[key] = cp.RawKernel(src, "integrate_csr", options=("-std=c++14",))
     return _KERNELS[key]
 
 
 def integrate_csr(frames, indptr, indices, coef, omega, norm, *, monitor=None, dark=None,
-                  dummy=None, delta=None, poisson=True):
+                  dummy=None, delta=None, poisson=True, frames_per_block=FRAMES_PER_BLOCK,
+                  threads=INTEGRATE_THREADS):
     """Azimuthal integration of a batch of frames by one fused CSR kernel (GPU).
 
     Per bin ``b`` and frame ``f``: ``I = sum_j c_j (x_fj - dark_j) / (mon_f (norm_b -
@@ -433,6 +433,8 @@ def integrate_csr(frames, indptr, indices, coef, omega, norm, *, monitor=None, d
         Detector dummy value and tolerance (pyFAI ``get_dummies``).
     poisson : bool
         Also return the Poisson-propagated standard error.
+    frames_per_block, threads : int
+        Launch shape (tuning; ``threads`` a multiple of 32).
 
     Returns
     -------
@@ -464,7 +466,10 @@ def integrate_csr(frames, indptr, indices, coef, omega, norm, *, monitor=None, d
             np.int32(dummy is not None), np.float32(dummy if dummy is not None else 0.0),
             np.float32(delta or 0.0), np.int32(is_float), np.int32(bool(poisson)),
             np.int32(nbins), out_i, out_s if out_s is not None else _NULL)
-    grid = (nbins, (n + FRAMES_PER_BLOCK - 1) // FRAMES_PER_BLOCK)
+    nf, nt = int(frames_per_block), int(threads)
+    if nf < 1 or nt < 32 or nt % 32:
+        raise ValueError(f"frames_per_block={nf}, threads={nt}: expected >= 1 and a multiple of 32")
+    grid = (nbins, (n + nf - 1) // nf)
     if n:
-        _integrate_kernel(fr.dtype)(grid, (INTEGRATE_THREADS,), args)
+        _integrate_kernel(fr.dtype, nf, nt)(grid, (nt,), args)
     return out_i, out_s

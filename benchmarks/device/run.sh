@@ -8,6 +8,7 @@
 #                         from host), sigma clip, trimmed mean, FBP (CPU, GPU kernel vs SpMM)
 #   03-bench-refine.log   bench_refine.py --gpu (batched LM, numba CPU vs cupy vs scipy)
 #   04-bench-learned.log  bench_learned.py --device cuda --quick
+#   05-cpu-scaling.log    bench_kernels.py CPU integration rows at 1 and 2 threads
 #   summary.txt           each step's exit code and wall time, the test summary, the tables
 # Each step has its own time cap; a step that fails or runs out of time does not stop the
 # others. Total under 7 minutes.
@@ -65,7 +66,7 @@ PY
 } > "$OUT/00-env.log" 2>&1
 echo "00-env: wall=$(( $(date +%s) - T0 ))s" >> "$S"
 
-STEPS=${STEPS:-01 02 03 04}   # a subset for a rerun, e.g. STEPS="01" bash benchmarks/device/run.sh
+STEPS=${STEPS:-01 02 03 04 05}   # a subset for a rerun, e.g. STEPS="01" bash benchmarks/device/run.sh
 step() {  # step NAME CAP_SECONDS command...
   local name=$1 cap=$2; shift 2
   case " $STEPS " in *" ${name%%-*} "*) ;; *) return 0;; esac
@@ -86,11 +87,15 @@ step 02-bench-kernels 160 $PY benchmarks/bench_kernels.py --skip decode --gpu-fr
 step 03-bench-refine 80 $PY benchmarks/bench_refine.py --voxels 8192 --gpu --peer-voxels 8 \
   --peer-fd-voxels 1 --peer-full-voxels 1 --numpy-voxels 64
 step 04-bench-learned 50 $PY benchmarks/bench_learned.py --device cuda --quick --no-sr
+# CPU scaling of the integration kernels: 1 and 2 threads (all 16 are in 02)
+step 05-cpu-scaling 90 bash -c "$PY benchmarks/bench_kernels.py --skip decode fbp gpu --frames 16 --threads 1 \
+  && $PY benchmarks/bench_kernels.py --skip decode fbp gpu --frames 16 --threads 2"
 
 {
   echo; echo "pytest -m gpu:"; grep -E "^(FAILED|ERROR|PASSED|SKIPPED)|passed|failed" "$OUT/01-pytest-gpu.log" | tail -30
-  for f in 02-bench-kernels 03-bench-refine 04-bench-learned; do
-    echo; echo "$f:"; sed -n '/^xrdct kernels\|^Refinement benchmark\|^Reconstruction/,$p' "$OUT/$f.log" | head -40
+  for f in 02-bench-kernels 03-bench-refine 04-bench-learned 05-cpu-scaling; do
+    [ -f "$OUT/$f.log" ] || continue
+    echo; echo "$f:"; grep -v "^=== \|WARNING\|pyopencl" "$OUT/$f.log" | sed -n '/^xrdct kernels\|^Refinement benchmark\|^Reconstruction/,$p' | head -40
   done
   echo; echo "total $(( $(date +%s) - T0 ))s"
 } >> "$S"
