@@ -81,7 +81,7 @@ step() {  # step NAME CAP_SECONDS command...
 
 # test modules that import prefect cannot be collected there (no prefect on the machine);
 # none of them holds a gpu test
-step 01-pytest-gpu 110 $PY -m pytest -m gpu -p no:cacheprovider -q -rA --durations=15 \
+step 01-pytest-gpu ${PYTEST_CAP:-150} $PY -m pytest -m gpu -p no:cacheprovider -v -rA --durations=15 \
   -o addopts="" --continue-on-collection-errors tests
 step 02-bench-kernels 160 $PY benchmarks/bench_kernels.py --skip decode --gpu-frames 256
 step 03-bench-refine 80 $PY benchmarks/bench_refine.py --voxels 8192 --gpu --peer-voxels 8 \
