@@ -13,6 +13,8 @@ import yaml
 from flows.cli import main as xrdct
 from tasks import store
 
+pytestmark = pytest.mark.real
+
 FE_INDEX = [1, 2, 3, 6, 7, 8, 11, 12, 13]  # a 5-wide raster: rows 1-5, 6-10, 11-15
 
 

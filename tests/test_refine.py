@@ -275,6 +275,7 @@ def test_refine_profile_simulated_caglioti(ph):
 # ------------------------------------------------------------------------------------
 
 
+@pytest.mark.real
 def test_real_battery_pattern_refinement(ph, tmp_path):
     """Summed patterns of real Li-ion cells (nDTomo, 'pristine' and 'discharged C/20'),
     with the instrument profile refined from the CeO2 pattern of the same beamtime (same

@@ -475,6 +475,7 @@ def _best_wavelength(phase_list, x, y, lams, profile, order=6):
     return lams[int(np.argmin(rwp))], np.array(rwp)
 
 
+@pytest.mark.real
 def test_real_ceo2_pattern_wavelength(phases):
     x, y = _xy("CeO2_nobkg.xy")
     prof = ProfileSpec(W=0.002, eta=0.3)
@@ -488,6 +489,7 @@ def test_real_ceo2_pattern_wavelength(phases):
     assert rwp_f.min() < 0.35 and rwp.max() > 0.9
 
 
+@pytest.mark.real
 def test_real_battery_pattern_fit(phases):
     x, y = _xy("Pristine_summed.xy")
     names = ["LiCoO2", "graphite", "Al", "Cu", "Fe"]
