@@ -714,7 +714,7 @@ def _map_slice(vol, sigma, mask, phases, refs, radial, unit, wl, m) -> tuple[dic
     """Maps of one slice: ``vol`` (1, y, x, radial) float64, ``sigma`` same or None, ``mask``
     (1, y, x) True = not fitted. Returns the variables ``name -> (dims, array, attrs)``
     with z of length 1, the slice's Rwp (1, y, x) and weight fractions (1, y, x, phase)."""
-    from tasks.rietveld import fit_scales, weight_fractions
+    from tasks.rietveld import ESD_SCALING, fit_scales, weight_fractions
 
     sigma = np.ones_like(vol) if sigma is None else sigma
     res = fit_scales(vol, refs, background_order=m.background_order, sigma=sigma, mask=mask)
@@ -731,7 +731,8 @@ def _map_slice(vol, sigma, mask, phases, refs, radial, unit, wl, m) -> tuple[dic
                     {"long_name": "weighted-profile R factor", "units": "1"}),
             "sample_mask": (("z", "y", "x"), ~mask, {"long_name": "voxels fitted"})}
     if getattr(res, "scale_esd", None) is not None:
-        data["scale_esd"] = (("z", "phase", "y", "x"), zp(res.scale_esd), {"long_name": "esd of scale"})
+        data["scale_esd"] = (("z", "phase", "y", "x"), zp(res.scale_esd),
+                             {"long_name": "esd of scale", "esd_scaling": ESD_SCALING})
     if getattr(res, "chi2", None) is not None:
         data["chi2"] = (("z", "y", "x"), np.asarray(res.chi2, np.float32), {"long_name": "reduced chi^2"})
     if m.method == "refine":  # whole-pattern refinement of every voxel (tasks.refine)

@@ -74,6 +74,15 @@ def test_phase_scale_maps_match_truth(demo_product):
         assert rel_rms < 0.05, f"{name}: relative RMS {rel_rms:.3f} of the scale map"
 
 
+def test_scale_esd_states_its_chi2_scaling(demo_product):
+    """The product's scale_esd says it is scaled by sqrt(reduced chi^2), and the chi2 map
+    that scales it is beside it."""
+    _, _, path = demo_product
+    ds = store.open_product(path)
+    assert ds["scale_esd"].attrs["esd_scaling"].startswith("esd scaled by sqrt(reduced chi^2)")
+    assert "chi2" in ds and ds["scale_esd"].dims == ds["scale"].dims
+
+
 def test_weight_fractions_match_truth(demo_product):
     sim, _, path = demo_product
     ds = store.open_product(path)

@@ -328,7 +328,7 @@ def test_dask_scripts_compile_and_import_without_gpu_packages():
 
 
 def test_slurm_job_script():
-    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue not installed (facility-side)")
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue not installed (pip install -e .[dev])")
     slurm = _load(INFRA / "dask" / "slurm_cluster.py")
     args = slurm.build_parser().parse_args(["--account", "p123", "--port", "0"])
     cluster = slurm.make_cluster(args)
@@ -345,7 +345,7 @@ def test_slurm_job_script_starts_a_worker_that_joins(tmp_path):
     """No SLURM here: run the body of the generated sbatch script with bash (the #SBATCH
     lines are comments to bash) and check that the worker it starts joins the cluster's
     scheduler and computes (the part of a SLURM job that is ours, not SLURM's)."""
-    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue not installed (facility-side)")
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue not installed (pip install -e .[dev])")
     from distributed import Client
 
     slurm = _load(INFRA / "dask" / "slurm_cluster.py")

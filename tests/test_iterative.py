@@ -11,6 +11,7 @@ import pytest
 from tasks.iterative import IterativeError, cgls, reconstruct, sirt, tv_reconstruct
 from tasks.projector import Projector
 from tasks.reconstruct import ReconstructionError, circle_mask, fbp, radon
+from tests.conftest import real_path
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -18,16 +19,28 @@ torch.set_num_threads(1)
 N = 64
 
 
+def _phantom(image):
+    """The simulator's phantom at N px (``image``: a path or "shapes"), its 3 phase maps as
+    3 bins, (N, N, 3) float32."""
+    from tasks.simulate import SimConfig, make_phantom
+
+    cfg = SimConfig(n_translations=N, phantom=str(image))
+    return np.ascontiguousarray(np.moveaxis(make_phantom(cfg), 0, 2), dtype=np.float32)
+
+
 @pytest.fixture(scope="module")
 def truth():
-    """The simulator's catalyst-particle phantom, 64 px, its 3 phase maps as 3 bins
-    (sharp particles on an empty background); the shapes phantom when the image is absent."""
-    from tasks.simulate import SimConfig, make_phantom
-    from helpers import REAL
+    """The simulator's phantom from the real nDTomo catalyst-particle image, 64 px, its 3
+    phase maps as 3 bins (sharp particles on an empty background): the image the error
+    thresholds below were measured on. Skips the test when the real data is absent."""
+    return _phantom(real_path("ndtomo_images", "catalyst_particles_small.tif"))
 
-    img = REAL / "ndtomo_images" / "catalyst_particles_small.tif"
-    cfg = SimConfig(n_translations=N, phantom=str(img) if img.exists() else "shapes")
-    return np.ascontiguousarray(np.moveaxis(make_phantom(cfg), 0, 2), dtype=np.float32)
+
+@pytest.fixture(scope="module")
+def shapes():
+    """The simulator's built-in shapes phantom, 64 px, 3 bins: for tests that need an
+    image but no error measured on a particular one (no real data needed)."""
+    return _phantom("shapes")
 
 
 MASK = circle_mask(N)
@@ -58,6 +71,7 @@ def noisy(sino, level, seed=0):
 
 # ------------------------------------------------------------------- SIRT and CGLS
 
+@pytest.mark.real
 def test_sirt_and_cgls_beat_fbp_with_a_quarter_of_the_angles(truth):
     sino = radon(truth, ANG_Q)
     f = quiet_fbp(sino, ANG_Q)
@@ -74,6 +88,7 @@ def test_sirt_and_cgls_beat_fbp_with_a_quarter_of_the_angles(truth):
     assert np.all(s[~MASK] == 0) and np.all(c[~MASK] == 0)    # circle support by default
 
 
+@pytest.mark.real
 def test_cgls_residual_decreases_monotonically(truth):
     sino = noisy(radon(truth, ANG_Q), 0.01)
     res = []
@@ -85,6 +100,7 @@ def test_cgls_residual_decreases_monotonically(truth):
     assert r[-1] < 0.2 * r[0]
 
 
+@pytest.mark.real
 def test_sirt_equals_astra_sirt(truth):
     """astra's CPU SIRT on its 'strip' projector, circle ReconstructionMask and
     MinConstraint 0, one bin at a time, against ours with all bins at once.
@@ -132,8 +148,8 @@ def test_sirt_equals_astra_sirt(truth):
         assert diff < 0.015 and diff < to_truth / 10
 
 
-def test_bins_are_independent(truth):
-    sino = noisy(radon(truth, ANG_Q), 0.02)
+def test_bins_are_independent(shapes):
+    sino = noisy(radon(shapes, ANG_Q), 0.02)
     for f, kw in ((sirt, dict(n_iter=20)), (cgls, dict(n_iter=10)),
                   (tv_reconstruct, dict(n_iter=30, angle_batch=8))):
         together = f(sino, ANG_Q, **kw)
@@ -144,14 +160,14 @@ def test_bins_are_independent(truth):
         assert err < 1e-4, f"{f.__name__}: bin 1 alone differs by {err:.1e}"
 
 
-def test_numpy_backend_and_x0_and_support(truth):
-    sino = radon(truth, ANG_Q)
+def test_numpy_backend_and_x0_and_support(shapes):
+    sino = radon(shapes, ANG_Q)
     a = sirt(sino, ANG_Q, n_iter=10, backend="numpy")
     b = sirt(sino, ANG_Q, n_iter=10, backend="torch")
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * a.max())
-    # a warm start at the truth stays near it (the truth fits the data)
-    w = sirt(sino, ANG_Q, n_iter=5, x0=truth)
-    assert rel_err(w, truth) < 0.05
+    # a warm start at the true image stays near it (it fits the data)
+    w = sirt(sino, ANG_Q, n_iter=5, x0=shapes)
+    assert rel_err(w, shapes) < 0.05
     # a custom support: nothing outside, and CGLS from FBP
     sup = MASK & (np.mgrid[:N, :N][1] < N // 2)
     c = cgls(sino, ANG_Q, n_iter=5, support=sup, x0="fbp")
@@ -163,6 +179,7 @@ def test_numpy_backend_and_x0_and_support(truth):
 
 # ------------------------------------------------------------------- TV (autodiff)
 
+@pytest.mark.real
 def test_tv_beats_fbp_with_a_quarter_of_the_angles_and_noise(truth):
     sino = noisy(radon(truth, ANG_Q), 0.05)
     f = quiet_fbp(sino, ANG_Q)
@@ -180,6 +197,7 @@ def test_tv_beats_fbp_with_a_quarter_of_the_angles_and_noise(truth):
     assert len(resid) == 200 and resid[-1] < resid[0]
 
 
+@pytest.mark.real
 def test_tv_lbfgs_and_l1(truth):
     sino = noisy(radon(truth, ANG_Q), 0.01)
     f = quiet_fbp(sino, ANG_Q)
@@ -194,6 +212,7 @@ def test_tv_lbfgs_and_l1(truth):
     assert s.sum() < 0.9 * w.sum()
 
 
+@pytest.mark.real
 def test_tv_poisson_loss_on_counts(truth):
     """Counts ~ Poisson(k * radon(truth)), ~20 counts at the brightest ray: the Poisson
     likelihood recovers k * truth better than FBP."""
@@ -214,8 +233,8 @@ def test_tv_poisson_loss_on_counts(truth):
 
 # ------------------------------------------------------------------- dispatch, errors
 
-def test_reconstruct_dispatch(truth):
-    sino = radon(truth[:, :, :1], ANG_Q)
+def test_reconstruct_dispatch(shapes):
+    sino = radon(shapes[:, :, :1], ANG_Q)
     np.testing.assert_array_equal(reconstruct(sino, ANG_Q, "sirt", n_iter=3),
                                   sirt(sino, ANG_Q, n_iter=3))
     np.testing.assert_array_equal(reconstruct(sino, ANG_Q, "cgls", n_iter=3, support=None),
@@ -262,8 +281,8 @@ def test_bad_input(call, match):
     assert issubclass(IterativeError, ReconstructionError) and issubclass(IterativeError, ValueError)
 
 
-def test_all_zero_bin_stays_zero(truth):
-    sino = radon(truth, ANG_Q)
+def test_all_zero_bin_stays_zero(shapes):
+    sino = radon(shapes, ANG_Q)
     sino[:, :, 1] = 0
     for f in (sirt, cgls, tv_reconstruct):
         out = f(sino, ANG_Q, n_iter=5)
@@ -271,10 +290,10 @@ def test_all_zero_bin_stays_zero(truth):
 
 
 @pytest.mark.gpu
-def test_gpu_paths_equal_cpu(truth):
+def test_gpu_paths_equal_cpu(shapes):
     import cupy
 
-    sino = noisy(radon(truth, ANG_Q), 0.01)
+    sino = noisy(radon(shapes, ANG_Q), 0.01)
     ref = sirt(sino, ANG_Q, n_iter=20, backend="numpy")
     out = sirt(cupy.asarray(sino), ANG_Q, n_iter=20, backend="cupy")
     assert isinstance(out, cupy.ndarray)
@@ -288,7 +307,7 @@ def test_gpu_paths_equal_cpu(truth):
         assert rel_err(t, tc) < 1e-3
 
 
-def test_iterative_spec_validates_and_feeds_reconstruct(truth):
+def test_iterative_spec_validates_and_feeds_reconstruct(shapes):
     from pipelines.spec import SpecError, parse_spec
 
     spec = parse_spec({"reconstruction": {"method": "tv", "iterative": {
@@ -297,7 +316,7 @@ def test_iterative_spec_validates_and_feeds_reconstruct(truth):
     opts = r.iterative.options(r.method)
     assert opts == dict(n_iter=3, lam_tv=0.05, lam_l1=0.0, loss="gaussian", optimizer="adam",
                         lr=0.1, angle_batch=4)
-    assert reconstruct(radon(truth[:, :, :1], ANG_Q), ANG_Q, r.method, **opts).shape == (N, N, 1)
+    assert reconstruct(radon(shapes[:, :, :1], ANG_Q), ANG_Q, r.method, **opts).shape == (N, N, 1)
     assert parse_spec({"reconstruction": {"method": "sirt"}}).reconstruction.iterative.options("sirt") == {}
     for bad, field in (({"method": "art"}, "reconstruction.method"),
                        ({"iterative": {"lam_tv": -1}}, "lam_tv"),

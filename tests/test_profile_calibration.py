@@ -178,6 +178,7 @@ def test_bad_calibrant_inputs_are_named(tmp_path, scan):
     assert not (tmp_path / "catalog.sqlite").exists() or Catalog.for_products(tmp_path).instrument_profiles() == []
 
 
+@pytest.mark.real
 def test_cli_profile_on_real_ceo2_pilatus2m(tmp_path, capsys):
     """``xrdct profile`` on the real CeO2 frame (Pilatus 2M, 71 keV) with its mask:
     the certified cell comes back and the stored row is the printed one."""

@@ -13,6 +13,8 @@ import yaml
 from flows.cli import main as xrdct
 from tasks import store
 
+pytestmark = pytest.mark.real
+
 FE_INDEX = [1, 2, 3, 6, 7, 8, 11, 12, 13]  # a 5-wide raster: rows 1-5, 6-10, 11-15
 
 
@@ -97,6 +99,23 @@ def test_fe3o4c_map_mapping_stage(fe_map):
     assert store.provenance(product)["scan_kind"] == "map"
 
 
+def _centroid_axis(s, angles_deg):
+    """Rotation axis (column) of a sinogram (angle, translation) from its projections'
+    intensity centroids, which follow ``c + a cos(theta) + b sin(theta)`` about the axis;
+    projections off that sinusoid by more than 1 px (displaced) are left out, iteratively.
+    Returns the axis and how many projections were kept."""
+    t = np.arange(s.shape[1])
+    cen = (s * t).sum(1) / s.sum(1)
+    th = np.deg2rad(angles_deg)
+    A = np.c_[np.ones_like(th), np.cos(th), np.sin(th)]
+    r = cen - A @ np.linalg.lstsq(A, cen, rcond=None)[0]
+    keep = np.abs(r - np.median(r)) < 2
+    for _ in range(3):
+        coef = np.linalg.lstsq(A[keep], cen[keep], rcond=None)[0]
+        keep = np.abs(cen - A @ coef) < 1
+    return float(coef[0]), int(keep.sum())
+
+
 @pytest.mark.parametrize("name", ["pyxrdct_image1_sinogram.hdf5", "pyxrdct_image2_sinogram.hdf5"])
 def test_pyxrdct_sinogram_input(tmp_path, real, name):
     path = real("pyxrdct_sinograms", name)
@@ -117,11 +136,20 @@ def test_pyxrdct_sinogram_input(tmp_path, real, name):
     assert ds["volume"].shape == (1, m, m, 1) and m >= n_t and (m - n_t) % 2 == 0
     c = float(ds["center_of_rotation"].values[0])
     # The centre is near the middle of the 708 translations, and the corrected sinogram has
-    # it at its centre column: the 0 and 180 degree projections mirror each other there.
+    # it at its centre column: there the centroids of the projections follow a sinusoid
+    # about the middle (image1: all 180 within 0.05 px of it; image2: 35 projections
+    # displaced by 15-67 px, the other 145 within 0.07 px). Measured offsets of that axis
+    # from the middle column: image1 0.04 px; image2 1.6 px (its Vo centre, 355.57 on the
+    # file's columns, is 1.6 px from the clean projections' axis, 353.94).
     assert abs(c - (n_t - 1) / 2) < 20
-    s = ds["sinogram"].isel(z=0, radial=0).values
-    p0, p180 = s[0], s[-1][::-1]
-    corr = np.corrcoef(p0, p180)[0, 1]
-    assert corr > 0.95 or name.endswith("image2_sinogram.hdf5")  # image2's first projection is displaced
+    s = ds["sinogram"].isel(z=0, radial=0).values.astype(np.float64)
+    axis, n_clean = _centroid_axis(s, np.linspace(0.0, 180.0, s.shape[0]))
+    image1 = name.endswith("image1_sinogram.hdf5")
+    print(f"{name}: centre {c:.3f}, centroid axis {axis:.3f} of {n_clean} projections, "
+          f"middle column {(m - 1) / 2}")
+    assert (n_clean == 180) if image1 else (130 <= n_clean <= 160), n_clean
+    assert abs(axis - (m - 1) / 2) < (0.25 if image1 else 2.0), (axis, (m - 1) / 2)
+    if image1:  # and the 0 and 180 degree projections mirror each other about the middle
+        assert np.corrcoef(s[0], s[-1][::-1])[0, 1] > 0.95
     img = ds["volume"].isel(z=0, radial=0).values
     assert np.isfinite(img).all() and img.max() > 0

@@ -405,6 +405,37 @@ def test_synthetic_mixture_poisson_noise_and_esd(phases):
     assert np.mean(r1.chi2) == pytest.approx(1.0, abs=0.02)
 
 
+
+@pytest.mark.parametrize("sigma_shape", ["shared", "per_voxel"])
+def test_fit_scales_esd_scaled_by_chi2_when_weights_understate_noise(phases, sigma_shape):
+    """Weights that state the noise 5x too small (sigma_w = sqrt(expected counts) / 5,
+    Poisson noise 5x sigma_w): one mixture, 400 noise realisations. chi2 ~ 25, and the
+    esd, scaled by sqrt(chi2), still matches the spread of the fitted scales (measured
+    0.92-1.01) and covers the truth: >= 95 % within 3 esd (measured 0.995-1.0), median
+    |err| / esd near the Gaussian 0.674 (measured 0.64-0.69). Without the chi2 factor
+    the esd is 5x too small (spread / esd ~ 5). Both the shared (n,) sigma path (one
+    factorisation) and the per-voxel (V, n) path."""
+    rng = np.random.default_rng(12)
+    q = np.linspace(8.0, 60.0, 1500)
+    ph = [phases[n] for n in BATTERY]
+    refs = reference_patterns(ph, q, "q_nm^-1", LAM_0, ProfileSpec(W=0.003, eta=0.4))
+    zmv = np.array([p.zmv for p in ph])
+    m1 = np.array([0.4, 0.3, 0.2, 0.1])
+    counts = 2000.0 / ((m1 / zmv) @ refs + 15.0).max()          # 2,000 counts at the top
+    lam1 = ((m1 / zmv) @ refs + 15.0) * counts
+    Y1 = rng.poisson(np.broadcast_to(lam1, (400, q.size))).astype(np.float64)
+    sigma_w = np.sqrt(lam1) / 5
+    if sigma_shape == "per_voxel":
+        sigma_w = np.broadcast_to(sigma_w, Y1.shape).copy()
+    r = fit_scales(Y1, refs, 4, sigma=sigma_w, radial=q)
+    truth = m1 / zmv * counts
+    assert np.mean(r.chi2) == pytest.approx(25.0, rel=0.03)
+    np.testing.assert_allclose(r.scale.std(axis=0) / r.scale_esd.mean(axis=0), 1.0, atol=0.12)
+    z = np.abs(r.scale - truth) / r.scale_esd
+    assert np.all(np.mean(z < 3, axis=0) >= 0.95), np.mean(z < 3, axis=0)
+    med = np.median(z, axis=0)
+    assert np.all((med > 0.45) & (med < 0.9)), med
+
 def test_weight_fractions(phases):
     ph = [phases["Al"], phases["Cu"]]
     S = np.array([[1.0 / ph[0].zmv, 3.0 / ph[1].zmv], [0.0, 0.0], [np.nan, 1.0]])
@@ -444,6 +475,7 @@ def _best_wavelength(phase_list, x, y, lams, profile, order=6):
     return lams[int(np.argmin(rwp))], np.array(rwp)
 
 
+@pytest.mark.real
 def test_real_ceo2_pattern_wavelength(phases):
     x, y = _xy("CeO2_nobkg.xy")
     prof = ProfileSpec(W=0.002, eta=0.3)
@@ -457,6 +489,7 @@ def test_real_ceo2_pattern_wavelength(phases):
     assert rwp_f.min() < 0.35 and rwp.max() > 0.9
 
 
+@pytest.mark.real
 def test_real_battery_pattern_fit(phases):
     x, y = _xy("Pristine_summed.xy")
     names = ["LiCoO2", "graphite", "Al", "Cu", "Fe"]

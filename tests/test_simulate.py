@@ -281,6 +281,7 @@ def test_sinogram_cube(tmp_path):
 
 
 # ----------------------------------------------------------------------------- phantoms
+@pytest.mark.real
 def test_image_phantom(real):
     path = real("ndtomo_images", "catalyst_particles_small.tif")
     cfg = SimConfig(n_translations=64, phantom=str(path))

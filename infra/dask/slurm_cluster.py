@@ -4,7 +4,7 @@ Run it on a login/submit node that the compute nodes can reach; it prints the sc
 address for the flows (``--dask-address`` of ``xrdct process``, or the ``dask_address``
 parameter of the process_scan deployment) and keeps the cluster up until Ctrl-C::
 
-    pip install dask-jobqueue                 # not an xrdct dependency
+    pip install dask-jobqueue                 # not a runtime dependency (in the dev extra)
     python infra/dask/slurm_cluster.py --partition gpu --account proposal123 --jobs 2
     python infra/dask/slurm_cluster.py --print-job-script     # inspect the sbatch script only
 
