@@ -208,8 +208,31 @@ def _stored_profile(out, poni: Path | None, poni_checksum: str | None) -> dict:
 # names. Each reads what it needs from the work store and adds its variables to it.
 
 
+#: The product's coordinate convention, written to its attrs (``xrdct.coordinate_convention``)
+#: and to the attrs of its ``x`` and ``y`` coordinates.
+COORDINATE_CONVENTION = (
+    "x, y: sample frame, rotation axis at (0, 0), in the units of the translation axis (mm, "
+    "or px when the scan gives no translation positions); a point at (x, y) is measured at "
+    "rotation angle theta on the translation t = x cos(theta) + y sin(theta) relative to the "
+    "axis (tasks.reconstruct.radon, astra's linear projector, skimage radon, the simulator): "
+    "seen from +z (x right, y up) the sample turns clockwise as theta grows. Images are "
+    "stored (y, x) with row 0 at the largest y (y descending) and x ascending; translations "
+    "measured in descending order are reversed before reconstruction.")
+
+
 def _coords_xy(n: int, step_mm: float) -> np.ndarray:
+    """``(n,)`` pixel centres about the rotation axis, ascending for ``step_mm > 0``: the
+    ``x`` (and, reversed, ``y``) coordinates of an ``n x n`` reconstruction."""
     return (np.arange(n) - (n - 1) / 2.0) * step_mm
+
+
+def _fine_coords(c: np.ndarray, factor: int) -> np.ndarray:
+    """Pixel centres of a grid ``factor`` times finer than the pixel centres ``c`` (1-D,
+    evenly spaced, ascending or descending), covering the same field of view: the ``factor``
+    fine centres of coarse pixel ``i`` average to ``c[i]``."""
+    c = np.asarray(c, np.float64)
+    step = float(c[1] - c[0]) if c.size > 1 else 1.0
+    return c[0] - step / 2 + step / (2 * factor) + np.arange(c.size * factor) * step / factor
 
 
 def _integrator_settings(req: Request, spec: PipelineSpec) -> dict:
@@ -304,13 +327,16 @@ def stage_integrate(req: Request) -> dict:
     if scan.kind == "sinogram":
         sino = np.asarray(scan.sinogram, dtype=np.float32)[None]
         radial = np.asarray(scan.radial if scan.radial is not None else np.arange(sino.shape[-1]), float)
-        unit = scan.radial_unit or spec.input.radial_unit
+        # the unit the file states or the spec gives (tasks.ingest.open_sinogram); "bin"
+        # (bin index) when the file has no radial axis
+        unit = scan.radial_unit or "bin"
         ds = xr.Dataset(
             {"patterns": (("z", "angle", "translation", "radial"), sino,
                           {"long_name": "integrated intensity (sinogram input)", "units": "counts / monitor"})},
             coords={"z": ("z", [0.0], {"units": "mm"}),
                     "angle": ("angle", np.asarray(scan.sino_angle, float), {"units": "deg"}),
-                    "translation": ("translation", np.asarray(scan.sino_translation, float), {"units": "mm"}),
+                    "translation": ("translation", np.asarray(scan.sino_translation, float),
+                                    {"units": scan.translation_unit}),
                     "radial": ("radial", radial, {"unit": unit, "units": unit})})
         wavelength = scan.wavelength_m or spec.input.wavelength_m
     else:
@@ -404,6 +430,17 @@ def stage_sinogram(req: Request) -> dict:
     pat = ds["patterns"]
     angles = ds["angle"].values
     nz, n = pat.sizes["z"], pat.sizes["translation"]
+    t_unit = ds["translation"].attrs.get("units", "mm")
+    trans = np.asarray(ds["translation"].values, float)
+    # Translations measured in descending order: the sinogram is reversed along translation
+    # so that column j is at t = (j - centre) * step, step > 0, as the reconstruction
+    # assumes; a given centre and the recorded centre are in measured columns.
+    reverse = n > 1 and trans[-1] < trans[0]
+    if reverse:
+        pat = pat.isel(translation=slice(None, None, -1))
+        if spec.sinogram.center not in ("auto", None):
+            spec = spec.model_copy(update={"sinogram": spec.sinogram.model_copy(
+                update={"center": float(n - 1 - spec.sinogram.center)})})
     # Pass 1: the centre of every slice. Pass 2: centre all slices to one common width m,
     # with m - n even so the reconstruction grid keeps the measured pixel pitch and the
     # central n x n pixels sit on the nominal grid about the rotation axis.
@@ -418,13 +455,16 @@ def stage_sinogram(req: Request) -> dict:
         found.append((sino if kept <= keep_bytes else None, info))
     m = max(info["width_out"] for _, info in found)
     m += (m - n) % 2
-    step = float(np.median(np.diff(ds["translation"].values))) if ds.sizes["translation"] > 1 else 1.0
+    step = abs(float(np.median(np.diff(trans)))) if n > 1 else 1.0
     dims = ("z", "angle", "translation_c", "radial")
     shape = (nz, pat.sizes["angle"], m, pat.sizes["radial"])
     store.write_variables(req.work, xr.Dataset(
         {"sinogram": (dims, store.lazy_zeros(dims, shape),
-                      {"long_name": "corrected sinogram (scaled, air removed, centred)"})},
-        coords={"translation_c": ("translation_c", _coords_xy(m, step), {"units": "mm"})}),
+                      {"long_name": "corrected sinogram (scaled, air removed, centred"
+                                    f"{'; translation order reversed' if reverse else ''})"})},
+        coords={"translation_c": ("translation_c", _coords_xy(m, step),
+                                  {"units": t_unit, "long_name": "translation relative to the "
+                                   "rotation axis, ascending"})}),
         level=spec.output.compressor_level)
     centers, shifts = [], []
     for iz in range(nz):
@@ -434,18 +474,21 @@ def stage_sinogram(req: Request) -> dict:
                                           spec.sinogram, width=m, center=info["center_px"])
         found[iz] = None
         store.write_slice(req.work, "sinogram", iz, sino.astype(np.float32))
-        centers.append(float(info["center_px"]))
+        centers.append(float(n - 1 - info["center_px"]) if reverse else float(info["center_px"]))
         shifts.append(float(info["shift_px"]))
         progress.report("sinogram", iz + 1, nz)
     new = xr.Dataset(
         {"center_of_rotation": (("z",), np.asarray(centers),
                                 {"units": "px", "long_name": "centre of rotation, translation-pixel "
                                  "coordinates of the measured sinogram (0 = first column)"}),
-         "center_shift": (("z",), np.asarray(shifts), {"units": "px"})})
+         "center_shift": (("z",), np.asarray(shifts), {"units": "px", "long_name": (
+             "shift of the measured sinogram's columns to centre the axis" + (
+                 " (after reversing them to ascending translation)" if reverse else ""))})})
     store.write_variables(req.work, new, level=spec.output.compressor_level)
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "sinogram": dt},
-                                  "translation_step_mm": step})
+                                  "translation_step_mm": step, "translation_unit": t_unit,
+                                  "translation_reversed": bool(reverse)})
     return {"seconds": dt, "center_px": centers}
 
 
@@ -672,15 +715,18 @@ def stage_reconstruct(req: Request) -> dict:
     angles = ds["angle"].values
     nz, n = sino.sizes["z"], sino.sizes["translation_c"]
     step = float(store.provenance(req.work).get("translation_step_mm", 1.0))
+    unit = sino["translation_c"].attrs.get("units", "mm")
+    xy_attrs = {"units": unit, "coordinate_convention": COORDINATE_CONVENTION}
     dims = ("z", "y", "x", "radial")
     store.write_variables(req.work, xr.Dataset(
         {"volume": (dims, store.lazy_zeros(dims, (nz, n, n, sino.sizes["radial"])),
                     {"long_name": f"reconstructed intensity ({r.method}"
                               f"{', ' + r.filter + ' filter' if r.method == 'fbp' else ''})",
                      "units": "counts / monitor / pixel"})},
-        coords={"y": ("y", _coords_xy(n, step), {"units": "mm"}),
-                "x": ("x", _coords_xy(n, step), {"units": "mm"})}),
+        coords={"y": ("y", _coords_xy(n, step)[::-1].copy(), xy_attrs),   # row 0 = largest y
+                "x": ("x", _coords_xy(n, step), xy_attrs)}),
         level=spec.output.compressor_level)
+    store.update_attrs(req.work, {"coordinate_convention": COORDINATE_CONVENTION})
     kept = SliceCheckpoints(req, "reconstruct")
     recon = _SliceReconstructor(req, angles, n, on_gpu)
     reused = 0
@@ -761,6 +807,10 @@ def stage_mapping(req: Request) -> dict:
     nz = ds.sizes["z"]
     radial = ds["radial"].values
     unit = ds["radial"].attrs.get("unit", spec.integration.unit)
+    if unit == "bin":
+        raise SpecError(f"mapping.enabled: {req.scan} has no radial axis dataset (q or 2-theta "
+                        f"beside the sinogram), so patterns cannot be fitted; add one or "
+                        f"disable mapping")
     wl = ds["radial"].attrs.get("wavelength_m") or spec.input.wavelength_m
     if not wl or not np.isfinite(wl):
         raise SpecError("input.wavelength_m: mapping needs the wavelength (from the PONI, or "
@@ -853,10 +903,6 @@ def stage_superres(req: Request) -> dict:
         if guide_img.shape[0] != nz:
             raise SpecError(f"superres.guide: {sr.guide} holds {guide_img.shape[0]} slice(s); the "
                             f"product has {nz} (give one image per slice, (z, y, x))")
-    step = float(ds["x"].values[1] - ds["x"].values[0]) if nx > 1 else 1.0
-
-    def fine(c):  # pixel centres of the finer grid, same field of view
-        return (c[0] - step / 2 + step / (2 * f) + np.arange(c.size * f) * step / f).astype(np.float64)
 
     names = [v for v in ("scale", "weight_fraction") if v in ds]
     if not names:
@@ -869,8 +915,8 @@ def stage_superres(req: Request) -> dict:
                      {**ds[v].attrs, "long_name": f"{ds[v].attrs.get('long_name', v)}, "
                                                   f"super-resolved {f}x ({sr.method})"})
          for v in names},
-        coords={"y_sr": ("y_sr", fine(ds["y"].values), {"units": "mm"}),
-                "x_sr": ("x_sr", fine(ds["x"].values), {"units": "mm"})}),
+        coords={"y_sr": ("y_sr", _fine_coords(ds["y"].values, f), dict(ds["y"].attrs)),
+                "x_sr": ("x_sr", _fine_coords(ds["x"].values, f), dict(ds["x"].attrs))}),
         level=spec.output.compressor_level)
     for iz in range(nz):
         guide = None

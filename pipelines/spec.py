@@ -51,16 +51,22 @@ class InputSpec(_Strict):
     z: str | None = None
     monitor: str | None = None
     sinogram: str | None = None
-    # For sinogram input: the axis order of the stored dataset and its radial axis.
+    # For sinogram input: the axis order of the stored dataset (None: the file's NXdata
+    # @axes, else angle,translation[,radial], checked against the data by
+    # tasks.ingest.open_sinogram) and the unit of its radial axis (None: from the radial
+    # dataset's @units or name, else an error naming the dataset).
     sinogram_axes: Literal["angle,translation", "angle,translation,radial",
                            "translation,angle", "translation,angle,radial",
-                           "radial,angle,translation"] = "angle,translation,radial"
-    radial_unit: RadialUnit = "2th_deg"
+                           "radial,angle,translation"] | None = None
+    radial_unit: RadialUnit | None = None
     wavelength_m: float | None = Field(default=None, gt=0, lt=1e-8)
     angle_range_deg: float | None = Field(
         default=None, gt=0, le=360,
         description="for sinogram input without an angle dataset: the scan's angular range")
-    translation_step_mm: float = Field(default=1.0, gt=0)
+    translation_step_mm: float | None = Field(
+        default=None, gt=0,
+        description="for sinogram input without a translation dataset: the step in mm "
+                    "(None: coordinates in translation steps, units px)")
 
 
 class CalibrationSpec(_Strict):

@@ -122,13 +122,17 @@ class Scan:
     sinogram : dask.array.Array or None
         ``(angle, translation, radial)`` float32 (kind ``"sinogram"``).
     sino_angle, sino_translation : numpy.ndarray or None
-        Axes of ``sinogram``: deg and mm.
+        Axes of ``sinogram``: deg and ``translation_unit``.
+    translation_unit : str
+        ``"mm"``, or ``"px"`` for sinogram input without translation positions or step
+        (positions are then translation steps 0, 1, ...).
     radial : numpy.ndarray or None
         Radial axis of ``sinogram`` in ``radial_unit`` when the file provides it.
     radial_unit : str or None
         pyFAI unit name of ``radial``.
     wavelength_m : float or None
-        Wavelength in m when known (from the input spec).
+        Wavelength in m when known (from the input spec, or for sinogram input the
+        ``wavelength_m`` attribute of the radial dataset or its group).
     map_y, map_x : numpy.ndarray or None
         ``(n_frames,)`` raster positions in mm (kind ``"map"``).
     files : list of str
@@ -154,6 +158,7 @@ class Scan:
     sinogram: Any = None
     sino_angle: np.ndarray | None = None
     sino_translation: np.ndarray | None = None
+    translation_unit: str = "mm"
     radial: np.ndarray | None = None
     radial_unit: str | None = None
     wavelength_m: float | None = None
@@ -684,7 +689,22 @@ def _axis_from_nxdata(group: h5py.Group | None, role: str) -> h5py.Dataset | Non
     return None
 
 
-_RADIAL_NAMES = ("radial", "q", "2th", "tth", "twotheta", "2theta", "q_nm^-1", "q_a^-1", "2th_deg")
+_RADIAL_NAMES = ("radial", "q", "2th", "tth", "twotheta", "2theta", "two_theta", "q_nm^-1",
+                 "q_a^-1", "2th_deg", "2th_rad", "d", "d_spacing", "dspacing")
+# Quantity of a radial dataset from its name (lower case): q, 2th, d, or None (unknown).
+_RADIAL_QUANTITY = {"q": "q", "q_nm^-1": "q", "q_a^-1": "q", "2th": "2th", "tth": "2th",
+                    "twotheta": "2th", "2theta": "2th", "two_theta": "2th", "2th_deg": "2th",
+                    "2th_rad": "2th", "d": "d", "d_spacing": "d", "dspacing": "d"}
+# Radial units (lower case, spaces removed) -> (quantity, pyFAI unit name, factor to it)
+_RADIAL_UNITS = {
+    **{u: ("q", "q_nm^-1", 1.0) for u in ("q_nm^-1", "1/nm", "nm^-1", "nm-1", "nm**-1",
+                                           "1/nanometer", "1/nanometre", "nanometer^-1")},
+    **{u: ("q", "q_A^-1", 1.0) for u in ("q_a^-1", "1/a", "a^-1", "a-1", "a**-1", "1/å", "å^-1",
+                                          "å-1", "1/angstrom", "angstrom^-1", "1/ang", "ang^-1")},
+    **{u: ("2th", "2th_deg", 1.0) for u in ("2th_deg", "deg", "degree", "degrees", "°")},
+    **{u: ("2th", "2th_deg", 180.0 / np.pi) for u in ("2th_rad", "rad", "radian", "radians")},
+    **{u: ("d", None, 1.0) for u in ("a", "å", "angstrom", "nm", "d_a", "d_nm")},
+}
 
 
 def _axis_role(name: str, d: h5py.Dataset | None) -> str | None:
@@ -1157,26 +1177,34 @@ def open_sinogram(path, spec=None) -> Scan:
         HDF5 file.
     spec : InputSpec or PipelineSpec
         ``sinogram``: dataset path (found when None: the signal of an NXdata group, or the
-        only 2-D/3-D numeric dataset in the file); ``sinogram_axes``: stored axis order;
-        ``angle``: dataset of angles in deg (else ``angle_range_deg`` is required and angles
-        are ``linspace(0, angle_range_deg, n_angle, endpoint=False)``); ``translation``:
-        dataset in mm (else ``arange(n) * translation_step_mm``); ``radial_unit`` and
-        ``wavelength_m`` describe the radial axis.
+        only 2-D/3-D numeric dataset in the file); ``sinogram_axes``: stored axis order
+        (None: the NXdata group's ``@axes`` when every axis has a role, else
+        ``angle,translation[,radial]``, checked by :func:`_check_axis_order`);
+        ``angle``: dataset of angles in deg (else the NXdata angle axis, else
+        ``angle_range_deg`` is required and angles are ``linspace(0, angle_range_deg,
+        n_angle, endpoint=False)``); ``translation``: dataset in mm (else the NXdata
+        translation axis, else ``arange(n) * translation_step_mm``, else ``arange(n)`` in
+        px); ``radial_unit`` (when the file does not state it) and ``wavelength_m``.
 
     Returns
     -------
     Scan
         kind ``"sinogram"``, ``sinogram`` ``(angle, translation, radial)`` float32 dask array
-        (``radial`` of length 1 for 2-D input). ``radial`` is read from a sibling dataset
-        named ``radial``, ``q``, ``2th``, ``tth``, ``twotheta`` or ``2theta`` of matching length,
-        else None. Non-finite values raise when the chunk holding them is computed.
+        (``radial`` of length 1 for 2-D input). ``radial`` is read from the NXdata radial
+        axis, else a sibling dataset named ``radial``, ``q``, ``2th``, ``tth``,
+        ``twotheta``, ``2theta`` (or a pyFAI unit name) of matching length, else None; its
+        unit from the dataset (:func:`_radial_unit`). ``translation_unit`` is ``"px"``
+        when no translation positions or step are given. Non-finite values raise when the
+        chunk holding them is computed.
 
     Raises
     ------
     IngestError
         No or ambiguous dataset, dimension count differing from ``sinogram_axes``,
         non-numeric dtype, angles missing without ``angle_range_deg``, angle/translation
-        datasets of the wrong length, empty cube.
+        datasets of the wrong length, translations not monotonic, empty cube; a radial
+        unit missing, unknown or contradicted (:func:`_radial_unit`); a cube whose angle
+        and translation axes look swapped under the default order (:func:`_check_axis_order`).
     """
     import dask.array as da  # noqa: PLC0415
     from dask.base import tokenize  # noqa: PLC0415
@@ -1193,20 +1221,25 @@ def open_sinogram(path, spec=None) -> Scan:
         if not np.issubdtype(d.dtype, np.number) or d.dtype == np.bool_:
             raise IngestError(f"{p}: dataset {name} (input.sinogram) has dtype {d.dtype}; "
                               f"expected numbers")
-        axes = spec.sinogram_axes.split(",")
         file_axes = _nxdata_sinogram_axes(d)
-        if file_axes is not None and "sinogram_axes" not in spec.model_fields_set:
-            axes = file_axes  # the file says its axis order; the spec left the default
+        if spec.sinogram_axes is not None:
+            axes, axes_from = spec.sinogram_axes.split(","), "spec"
+        elif file_axes is not None:
+            axes, axes_from = file_axes, "file"  # the file's NXdata @axes say the order
+        else:  # nothing says the order: the default, checked against the data below
+            axes, axes_from = ["angle", "translation", "radial"][:max(d.ndim, 2)], "default"
         if d.ndim != len(axes):
             raise IngestError(
                 f"{p}: dataset {name} (input.sinogram) has {d.ndim} dimensions {d.shape} but "
-                f"input.sinogram_axes is {spec.sinogram_axes!r} ({len(axes)} axes); set "
+                f"input.sinogram_axes is {','.join(axes)!r} ({len(axes)} axes); set "
                 f"input.sinogram_axes to the stored order, e.g. 'translation,angle'")
         if d.size == 0:
             raise IngestError(f"{p}: dataset {name} (input.sinogram) has shape {d.shape}: empty")
         size = dict(zip(axes, d.shape))
         na, nt = size["angle"], size["translation"]
         nr = size.get("radial", 1)
+        if axes_from == "default":
+            _check_axis_order(d, axes, na, nt, p)
         nx_angle = _nxdata_axis_values(d, "angle", na)
         nx_trans = _nxdata_axis_values(d, "translation", nt)
         if spec.angle is None and nx_angle is not None:
@@ -1231,19 +1264,38 @@ def open_sinogram(path, spec=None) -> Scan:
             if trans.size != nt:
                 raise IngestError(f"{p}: dataset {td.name} (input.translation) has {trans.size} "
                                   f"values; expected {nt} (translation axis of {name} {d.shape})")
-        else:
+        elif spec.translation_step_mm is not None:
             trans = np.arange(nt, dtype=np.float64) * spec.translation_step_mm
-        radial = None
+        else:  # no positions: coordinates in translation steps
+            trans = np.arange(nt, dtype=np.float64)
+        t_unit = "mm" if (nx_trans is not None or spec.translation is not None
+                          or spec.translation_step_mm is not None) else "px"
+        if nt > 1:
+            dt_ = np.diff(trans)
+            if not (np.all(dt_ > 0) or np.all(dt_ < 0)):
+                raise IngestError(f"{p}: translation positions of {name} are not strictly "
+                                  f"ascending or descending (first step {dt_[0]:g}); expected a "
+                                  f"monotonic translation scan")
+        radial, radial_unit, wavelength = None, None, spec.wavelength_m
         if "radial" in size:
-            for rn in ("radial", "q", "2th", "tth", "twotheta", "2theta"):
-                rd = d.parent.get(rn)
-                if isinstance(rd, h5py.Dataset) and rd.ndim == 1 and rd.size == nr:
-                    radial = _read_numeric(rd, p, "radial")
-                    break
+            rd = _nxdata_axis_values(d, "radial", nr)
+            if rd is None:
+                for rn in _RADIAL_NAMES:
+                    c = d.parent.get(rn)
+                    if isinstance(c, h5py.Dataset) and c.ndim == 1 and c.size == nr:
+                        rd = c
+                        break
+            if rd is not None:
+                radial = _read_numeric(rd, p, "radial")
+                radial, radial_unit = _radial_unit(rd, radial, spec, p)
+                if wavelength is None:
+                    wavelength = _wavelength_attr(rd, d.parent)
         stored = tuple(int(s) for s in d.shape)
         dtype = d.dtype
         token = _file_token(p)
         metadata = nexus_metadata(_entry_of(h5, d))
+        if wavelength is None and radial is not None:
+            wavelength = _nexus_wavelength(_entry_of(h5, d))
     finally:
         h5.close()
 
@@ -1260,10 +1312,154 @@ def open_sinogram(path, spec=None) -> Scan:
     arr = arr.transpose([axes.index(a) for a in _SINO_AXES]).astype(np.float32)
     arr = arr.map_blocks(_check_finite_block, source=f"{p}: dataset {name}", dtype=np.float32)
     return Scan(kind="sinogram", source=str(p), sinogram=arr, sino_angle=angles,
-                sino_translation=trans, radial=radial,
-                radial_unit=spec.radial_unit if radial is not None else None,
-                wavelength_m=spec.wavelength_m, files=[str(p)], frames_dataset=name,
-                metadata=metadata)
+                sino_translation=trans, translation_unit=t_unit, radial=radial,
+                radial_unit=radial_unit, wavelength_m=wavelength, files=[str(p)],
+                frames_dataset=name, metadata=metadata)
+
+
+def _radial_unit(rd: h5py.Dataset, values: np.ndarray, spec, p: Path) -> tuple[np.ndarray, str]:
+    """Values and pyFAI unit name (``q_nm^-1``, ``q_A^-1``, ``2th_deg``) of a sinogram's
+    radial dataset ``rd``: from its ``units`` (or ``unit``, ``radial_unit``) attribute, else
+    from a name that is a unit (``q_A^-1``, ``2th_deg``), else ``input.radial_unit``. A
+    dataset named for its quantity (``q``, ``2th``/``tth``, ``d``) must agree with the unit.
+    2-theta in radians is converted to degrees.
+
+    Raises
+    ------
+    IngestError
+        No unit in the file or the spec; a unit that is not a radial unit; a unit that
+        contradicts the dataset's name or ``input.radial_unit``; d-spacing (not a radial
+        unit the pipeline maps: convert to q or 2-theta).
+    """
+    name = rd.name.rsplit("/", 1)[-1].lower()
+    quantity = _RADIAL_QUANTITY.get(name)
+    attr = None
+    for key in ("units", "unit", "radial_unit"):
+        attr = _attr_str(rd.attrs.get(key))
+        if attr and attr.strip():
+            break
+    field = f"{p}: dataset {rd.name} (radial axis)"
+    stated = None
+    if attr and attr.strip():
+        key = attr.strip().lower().replace(" ", "").replace("angstroms", "angstrom")
+        if key not in _RADIAL_UNITS:
+            raise IngestError(f"{field} has units {attr!r}; expected a unit of q (1/nm, 1/A), "
+                              f"2-theta (deg, rad) or a pyFAI unit name (q_nm^-1, q_A^-1, 2th_deg)")
+        stated = _RADIAL_UNITS[key]
+        if quantity is not None and stated[0] != quantity:
+            raise IngestError(f"{field} is named for {quantity} but has units {attr!r}; fix the "
+                              f"units attribute or the dataset name")
+    elif name in _RADIAL_UNITS and _RADIAL_UNITS[name][1] is not None:  # named q_A^-1, 2th_deg
+        stated = _RADIAL_UNITS[name]
+    if (stated is not None and stated[0] == "d") or (stated is None and quantity == "d"):
+        raise IngestError(f"{field} is d-spacing; the pipeline's radial units are q_nm^-1, q_A^-1 "
+                          f"and 2th_deg: store q = 2 pi / d or 2-theta instead")
+    given = spec.radial_unit
+    if stated is None:
+        if given is None:
+            raise IngestError(
+                f"{field} has no units attribute and its name does not say the unit"
+                f"{' (q in 1/nm or 1/A?)' if quantity == 'q' else ''}; set input.radial_unit "
+                f"(q_nm^-1, q_A^-1 or 2th_deg) or add a units attribute to the dataset")
+        if quantity is not None and not given.startswith(quantity):
+            raise IngestError(f"{field} is named for {quantity} but input.radial_unit is "
+                              f"{given!r}; fix input.radial_unit")
+        return values, given
+    unit = stated[1]
+    if given is not None and given != unit:
+        raise IngestError(f"{field} states its unit {attr or name!r} = {unit} but "
+                          f"input.radial_unit is {given!r}; remove input.radial_unit or make it "
+                          f"{unit!r}")
+    return values * stated[2], unit
+
+
+def _wavelength_attr(rd: h5py.Dataset, group: h5py.Group) -> float | None:
+    """``wavelength_m`` attribute of the radial dataset or its group (the simulator's, or a
+    NeXus ``wavelength`` attribute in Angstrom), else None."""
+    for o in (rd, group):
+        v = o.attrs.get("wavelength_m")
+        if v is not None and np.isfinite(float(np.asarray(v).ravel()[0])):
+            return float(np.asarray(v).ravel()[0])
+    return None
+
+
+_WAVELENGTH_UNITS = {"m": 1.0, "nm": 1e-9, "a": 1e-10, "å": 1e-10, "angstrom": 1e-10,
+                     "angstroms": 1e-10, "pm": 1e-12}
+
+
+def _nexus_wavelength(entry: h5py.Group | None) -> float | None:
+    """Wavelength in m from ``<entry>/instrument/monochromator/wavelength`` (NXmonochromator)
+    when it has a length unit, else None (a wavelength without units is not guessed)."""
+    if entry is None:
+        return None
+    d = entry.get("instrument/monochromator/wavelength")
+    if not isinstance(d, h5py.Dataset) or d.size != 1 or not np.issubdtype(d.dtype, np.number):
+        return None
+    u = (_attr_str(d.attrs.get("units")) or "").strip().lower()
+    v = float(np.asarray(d[()]).ravel()[0]) * _WAVELENGTH_UNITS.get(u, np.nan)
+    return v if np.isfinite(v) and 0 < v < 1e-8 else None
+
+
+#: a cube is refused as transposed when the spread of its per-angle totals exceeds this many
+#: times the spread of its per-translation totals (see :func:`_check_axis_order`)
+TRANSPOSED_RATIO = 2.0
+
+
+def _check_axis_order(d: h5py.Dataset, axes: list[str], na: int, nt: int, p: Path) -> None:
+    """Refuse a sinogram whose stored axis order is not the assumed (default) one.
+
+    The total of a parallel-beam projection over all translations is the same at every
+    angle (the zeroth Helgason-Ludwig moment condition: the object's integral; S. Helgason,
+    *The Radon Transform*, 1980; D. Ludwig, Comm. Pure Appl. Math. 19 (1966) 49), up to
+    the monitor's drift, whereas the total over all angles varies with translation from the
+    air at the edges to the sample's thickest chord. A cube read with angle and translation
+    swapped shows the reverse: per-"angle" totals that vary like a projection. The check
+    reads at most 16 radial bins (evenly spaced), sums them, and compares the coefficients
+    of variation of the two totals; it refuses when the per-angle spread is more than
+    :data:`TRANSPOSED_RATIO` times the per-translation spread and above 10 %.
+
+    Raises
+    ------
+    IngestError
+        Naming the file, the dataset, the measured spreads and the fix (input.sinogram_axes).
+    """
+    if na < 4 or nt < 4:
+        return
+    if "radial" in axes:
+        ir = axes.index("radial")
+        nr = d.shape[ir]
+        pick = np.unique(np.linspace(0, nr - 1, min(nr, 16)).round().astype(int))
+        key = [slice(None)] * d.ndim
+        key[ir] = pick.tolist()
+        try:
+            block = np.asarray(d[tuple(key)], np.float64).sum(axis=ir)
+        except OSError:
+            return  # unreadable chunks are reported, naming the chunk, when the data are read
+        rest = [a for a in axes if a != "radial"]
+    else:
+        try:
+            block = np.asarray(d[()], np.float64)
+        except OSError:
+            return
+        rest = list(axes)
+    if not np.all(np.isfinite(block)):
+        return  # NaN/inf are reported, naming the chunk, when the data are read
+    block = block if rest == ["angle", "translation"] else block.T
+    per_angle, per_trans = block.sum(axis=1), block.sum(axis=0)
+
+    def cv(v):
+        m = abs(float(np.mean(v)))
+        return float(np.std(v)) / m if m > 0 else 0.0
+
+    ca, ct = cv(per_angle), cv(per_trans)
+    if ca > 0.1 and ca > TRANSPOSED_RATIO * ct:
+        swapped = ",".join({"angle": "translation", "translation": "angle"}.get(a, a) for a in axes)
+        raise IngestError(
+            f"{p}: dataset {d.name} (input.sinogram) {d.shape} does not look like "
+            f"({','.join(axes)}): its totals over translation vary by {100 * ca:.0f} % from angle "
+            f"to angle (a projection's total should not) while its totals over angle vary by "
+            f"{100 * ct:.0f} %, as if angle and translation were swapped; set "
+            f"input.sinogram_axes to the stored order (e.g. {swapped!r})")
 
 
 def _find_sinogram(h5: h5py.File, p: Path) -> h5py.Dataset:

@@ -12,6 +12,38 @@ from pathlib import Path
 import numpy as np
 
 
+def image_extent(img, y, x) -> tuple[np.ndarray, tuple[float, float, float, float], str]:
+    """An image ``(y, x)`` and its pixel-centre coordinates, arranged for ``imshow`` so that
+    +x is to the right and +y up, whatever order the coordinates are stored in (the
+    product's ``y`` descends: row 0 is the largest y).
+
+    Parameters
+    ----------
+    img : array (ny, nx)
+    y, x : array (ny,), (nx,)
+        Evenly spaced pixel centres (e.g. mm), ascending or descending.
+
+    Returns
+    -------
+    img : array (ny, nx)
+        ``img`` with rows and columns in ascending y and x.
+    extent : tuple of float
+        ``(left, right, bottom, top)`` pixel edges for ``imshow(..., extent=extent)``.
+    origin : str
+        ``"lower"`` (row 0, the smallest y, at the bottom).
+    """
+    img = np.asarray(img)
+    y, x = np.asarray(y, float), np.asarray(x, float)
+    if y.size > 1 and y[-1] < y[0]:
+        img, y = img[::-1], y[::-1]
+    if x.size > 1 and x[-1] < x[0]:
+        img, x = img[:, ::-1], x[::-1]
+    dy = float(y[1] - y[0]) if y.size > 1 else 1.0
+    dx = float(x[1] - x[0]) if x.size > 1 else 1.0
+    extent = (float(x[0] - dx / 2), float(x[-1] + dx / 2), float(y[0] - dy / 2), float(y[-1] + dy / 2))
+    return img, extent, "lower"
+
+
 def overview_png(product: str | Path, png: str | Path, z: int = 0) -> Path:
     """Write the overview PNG of slice ``z`` of a published product.
 
@@ -41,15 +73,19 @@ def overview_png(product: str | Path, png: str | Path, z: int = 0) -> Path:
     if "patterns" in ds:
         panels.append(("sinogram", ds["patterns"].isel(z=z).sum("radial").values,
                        "total-intensity sinogram", ("translation (px)", "angle (index)")))
+    # images are drawn in the product's coordinates, +y up (tasks.plots.image_extent)
+    has_xy = "x" in ds.coords and "y" in ds.coords
+    u = ds["x"].attrs.get("units", "px") if has_xy else "px"
+    xy = (f"x ({u})", f"y ({u})")
     if "volume" in ds:
         panels.append(("image", ds["volume"].isel(z=z).sum("radial").values,
-                       "reconstruction (sum over radial)", ("x (px)", "y (px)")))
+                       "reconstruction (sum over radial)", xy))
     phases = list(ds["phase"].values) if "phase" in ds.coords else []
     for i, name in enumerate(phases):
         panels.append(("map", ds["weight_fraction"].isel(z=z, phase=i).values,
-                       f"{name} weight fraction", ("x (px)", "y (px)")))
+                       f"{name} weight fraction", xy))
     if "rwp" in ds:
-        panels.append(("rwp", ds["rwp"].isel(z=z).values, "Rwp", ("x (px)", "y (px)")))
+        panels.append(("rwp", ds["rwp"].isel(z=z).values, "Rwp", xy))
     ncol = min(4, max(1, len(panels)))
     nrow = int(np.ceil(len(panels) / ncol)) + (1 if "volume" in ds else 0)
     fig = plt.figure(figsize=(4.2 * ncol, 3.6 * nrow), dpi=90)
@@ -60,6 +96,9 @@ def overview_png(product: str | Path, png: str | Path, z: int = 0) -> Path:
             kw.update(vmin=0, vmax=1)
         if kind == "sinogram":
             kw["aspect"] = "auto"
+        elif has_xy and img.shape == (ds.sizes["y"], ds.sizes["x"]):
+            img, extent, origin = image_extent(img, ds["y"].values, ds["x"].values)
+            kw.update(extent=extent, origin=origin)
         im = ax.imshow(img, **kw)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xl, fontsize=8)

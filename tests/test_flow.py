@@ -101,6 +101,14 @@ def test_product_layout_and_provenance(demo_product):
     assert ds["weight_fraction"].dims == ("z", "phase", "y", "x")
     assert ds["radial"].attrs["unit"] == "q_nm^-1"
     assert ds["angle"].attrs["units"] == "deg" and ds["translation"].attrs["units"] == "mm"
+    # one coordinate convention: the truth grid's pixels carry the truth's (x, y) in mm
+    # (y descending, row 0 = largest y, in both; on 564e3f7 the product's y ascended)
+    from tasks.simulate import load_ground_truth
+    gt = load_ground_truth(sim.nexus_path)
+    ty, tx = np.asarray(gt["y"]), np.asarray(gt["x"])
+    k = (ds.sizes["x"] - tx.size) // 2
+    assert np.allclose(ds["y"].values[k:k + ty.size], ty, atol=1e-9)
+    assert np.allclose(ds["x"].values[k:k + tx.size], tx, atol=1e-9)
     assert np.isclose(ds["radial"].attrs["wavelength_m"], sim.config.wavelength_m, rtol=1e-6)
     prov = store.provenance(path)
     assert prov["pipeline_name"] == "demo" and prov["product_id"] in str(path)
