@@ -305,3 +305,30 @@ def test_cuda_backprojection_algorithm_equals_sparse_operator(na, nt, nb, c, cir
     assert scale > 1
     err = np.abs(got - ref).max()
     assert err <= 2e-6 * scale, (err, scale)
+
+
+@pytest.mark.parametrize("interpolation", ["joseph", "linear"])
+@pytest.mark.parametrize("span, center, circle", [(180.0, None, True), (360.0, 41.3, False),
+                                                   (180.0, 23.8, True)])
+def test_cpu_threaded_backprojection_equals_sparse_product(interpolation, span, center, circle):
+    """The threaded CPU back-projection (tasks/_fbp_nb.py, the default for numpy arrays)
+    equals scipy's sparse product with the same operator (kernel='spmm') to float32
+    rounding, on 1 and on 3 threads (tiles shared among threads write disjoint pixels):
+    both scan spans, an off-centre axis with samples off the detector, circle on and off,
+    a bin count that is not a multiple of anything."""
+    from tasks import _fbp_nb
+
+    n, nb = 70, 13
+    ang = np.linspace(0, span, 97, endpoint=False)
+    sino = radon(phantom(n, nb).astype(np.float32), ang, center=center)
+    ref = fbp(sino, ang, center=center, circle=circle, interpolation=interpolation, kernel="spmm")
+    scale = float(np.abs(ref).max())
+    assert scale > 0.1
+    for threads in (1, 3):
+        old = _fbp_nb.cpu_threads
+        _fbp_nb.cpu_threads = lambda: threads
+        try:
+            got = fbp(sino, ang, center=center, circle=circle, interpolation=interpolation)
+        finally:
+            _fbp_nb.cpu_threads = old
+        assert float(np.abs(got - ref).max()) <= 1e-6 * scale, threads
