@@ -91,6 +91,10 @@ class _Csr:
         self.no_split = bool(np.all(np.diff(indptr) >= 0) and np.all(np.asarray(data) == 1)
                              and len(np.unique(indices)) == len(indices))
         Ac = A.tocsc()
+        Ac.sort_indices()
+        # the whole matrix in pixel order, for the threaded CPU kernel (tasks/_integrate_nb.py)
+        self.csc = (Ac.indptr.astype(np.int64), Ac.indices.astype(np.int32),
+                    Ac.data.astype(np.float32))
         self.blocks = []
         for p0 in range(0, n_pix, block_pixels):
             p1 = min(p0 + block_pixels, n_pix)
@@ -419,7 +423,7 @@ class RadialIntegrator:
         return inv
 
     # ---------------------------------------------------------------- mean
-    def integrate(self, frames, monitor=None):
+    def integrate(self, frames, monitor=None, engine: str = "auto"):
         """Integrate a batch of frames (one batched sparse product).
 
         Parameters
@@ -428,6 +432,11 @@ class RadialIntegrator:
             Raw detector counts.
         monitor : array, shape (n,), optional
             Per-frame monitor; intensities and sigmas are divided by it.
+        engine : {"auto", "scipy"}
+            numpy frames: ``auto`` the threaded kernel of :mod:`tasks._integrate_nb`
+            (``threads`` cores share each batch of ``sub_batch`` frames, float64 sums),
+            ``scipy`` cache-blocked scipy sparse products (one thread, float32 sums; the
+            previous path, kept as a reference). cupy frames: the GPU kernel.
 
         Returns
         -------
@@ -448,7 +457,25 @@ class RadialIntegrator:
         csr = self._csr(self.split)
         if xp is not np:
             return self._integrate_gpu(xp, f, mon, csr)
+        if engine not in ("auto", "scipy"):
+            raise IntegrationError(f"engine {engine!r}: expected 'auto' or 'scipy'")
         do_var = self.error_model == "poisson"
+        if engine == "auto":
+            from tasks._integrate_nb import integrate_csc  # noqa: PLC0415
+
+            dummy, delta = self.dummies(f.dtype)
+            intensity = np.empty((n, csr.nbins), np.float32)
+            sigma = np.empty((n, csr.nbins), np.float32) if do_var else None
+            for s in range(0, n, self.sub_batch):
+                e = min(n, s + self.sub_batch)
+                i, sg = integrate_csc(f[s:e], *csr.csc, self.omega, csr.norm, csr.nbins,
+                                      monitor=None if mon is None else mon[s:e],
+                                      dark=self._dark_flat, dummy=dummy, delta=delta,
+                                      poisson=do_var, threads=self.threads)
+                intensity[s:e] = i
+                if do_var:
+                    sigma[s:e] = sg
+            return intensity, sigma
         intensity = np.empty((n, csr.nbins), np.float32)
         sigma = np.empty((n, csr.nbins), np.float32) if do_var else None
         for s in range(0, n, self.sub_batch):

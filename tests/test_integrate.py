@@ -133,6 +133,32 @@ def test_equals_pyfai_integrate1d_ng(which, frame2m, request):
     np.testing.assert_allclose(i1[0], intensity[1], rtol=1e-6)
 
 
+def test_threaded_cpu_kernel_shares_a_batch(ri_q, frame2m):
+    """The CPU kernel (tasks/_integrate_nb.py) gives the same numbers on 1 and on 4 threads
+    (pixel ranges of one shared batch, per-thread sums added at the end), equals pyFAI, and
+    equals the previous scipy path; float frames with NaN pixels are masked frame by frame
+    (the NaN's c * omega taken off the normalisation, as pyFAI does)."""
+    shifted = np.roll(frame2m, 9, axis=1)
+    nan = frame2m.astype(np.float32)
+    nan[500:520, 300:900] = np.nan
+    for frames in (np.stack([frame2m, shifted, frame2m * 2]), np.stack([nan, nan * 0.5])):
+        out = {}
+        for threads in (1, 4):
+            ri_q.threads = threads
+            out[threads] = ri_q.integrate(frames)
+        ri_q.threads = os.cpu_count() or 1
+        np.testing.assert_array_equal(out[1][0], out[4][0])
+        np.testing.assert_array_equal(out[1][1], out[4][1])
+        sc = ri_q.integrate(frames, engine="scipy")
+        assert _rel(out[4][0][0], sc[0][0]) < 1e-5 and _rel(out[4][1][0], sc[1][0]) < 1e-5
+        for k in range(frames.shape[0]):
+            ref = ri_q.reference(frames[k])
+            assert _rel(out[4][0][k], ref.intensity) < 1e-4
+            assert _rel(out[4][1][k], ref.sigma) < 1e-4
+    with pytest.raises(IntegrationError, match="engine"):
+        ri_q.integrate(frame2m, engine="torch")
+
+
 def test_corrections_dark_flat_no_polarisation(frame2m):
     rng = np.random.default_rng(5)
     shape = frame2m.shape
