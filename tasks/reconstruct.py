@@ -45,10 +45,18 @@ from tasks._checks import angles_array, sinogram_array
 from tasks._xp import get_xp, to_numpy
 
 __all__ = ["ReconstructionError", "fbp", "radon", "ramp_filter", "filter_sinogram",
+           "estimate_noise", "choose_filter", "FILTERS", "FILTER_CHOICES", "AUTO_FILTERS",
            "angle_weights", "circle_mask", "circle_radius", "backprojection_matrix",
            "projection_matrix"]
 
-FILTERS = ("ramp", "ram-lak", "shepp-logan", "hann")
+#: FBP filters (astra-toolbox's names; "ramp" = "ram-lak"), the one vocabulary of filter names
+FILTERS = ("ramp", "ram-lak", "shepp-logan", "cosine", "hamming", "hann")
+#: the (filter, cutoff) pairs :func:`choose_filter` picks from, least to most smoothing:
+#: the whole band of each window, then Hann cut off at 0.8, 0.65 and 0.5 x Nyquist
+AUTO_FILTERS = (("ramp", 1.0), ("shepp-logan", 1.0), ("cosine", 1.0), ("hamming", 1.0),
+                ("hann", 1.0), ("hann", 0.8), ("hann", 0.65), ("hann", 0.5))
+#: what a spec or :func:`fbp` accepts: a filter, or "auto" (chosen from the data's noise)
+FILTER_CHOICES = FILTERS + ("auto",)
 BACKENDS = ("numpy", "auto", "astra", "tomopy")
 INTERPOLATIONS = ("joseph", "linear")
 KERNELS = ("auto", "spmm", "cuda")
@@ -158,21 +166,25 @@ def _fft_size(n):
     return size
 
 
-def ramp_filter(n, filter="ramp"):
+def ramp_filter(n, filter="ramp", cutoff=1.0):
     """Frequency response of astra-toolbox's FBP filters on the padded FFT grid.
 
     Built as astra's ``genFilter`` (``src/Filters.cpp``) builds it: the spatial band-limited
     ramp kernel of Kak & Slaney (``h[0] = 1/4``, ``h[k] = -1/(pi k)^2`` for odd ``k``,
     0 for even ``k``, wrapped periodically) on ``N = fft_size`` points, Fourier
-    transformed and doubled, then multiplied by the window with ``w = 2 pi k / N``:
-    Shepp-Logan ``sin(w/2) / (w/2)``, Hann ``(1 + cos w) / 2``.
+    transformed and doubled, then multiplied by the window of :func:`window` at
+    ``k / N`` cycles per step.
 
     Parameters
     ----------
     n : int
         Number of translation (detector) columns; the FFT size is the smallest power of
         two >= ``2 n`` and >= 64.
-    filter : {"ramp", "ram-lak", "shepp-logan", "hann"}
+    filter : str
+        One of :data:`FILTERS`.
+    cutoff : float
+        Fraction (0, 1] of the Nyquist frequency above which the filter is 0, the window
+        stretched to it (astra's ``FilterD``); 1 = no cut-off.
 
     Returns
     -------
@@ -189,12 +201,215 @@ def ramp_filter(n, filter="ramp"):
     h[odd] = -1.0 / (np.pi * j[odd]) ** 2
     h[0] = 0.25
     filt = 2.0 * np.fft.rfft(h).real
-    w = 2.0 * np.pi * np.arange(size // 2 + 1) / size
-    if filter == "shepp-logan":
-        filt[1:] *= np.sin(w[1:] / 2.0) / (w[1:] / 2.0)
-    elif filter == "hann":
-        filt[1:] *= (1.0 + np.cos(w[1:])) / 2.0
+    filt[1:] *= window(filter, np.arange(1, size // 2 + 1) / size, cutoff)
     return filt
+
+
+def window(filter, freq, cutoff=1.0):
+    """The window astra-toolbox multiplies its ramp by, at frequencies ``freq``.
+
+    With ``w = 2 pi freq / cutoff``: ``ramp`` 1, Shepp-Logan ``sin(w/2) / (w/2)``, cosine
+    ``cos(w/2)``, Hamming ``0.54 + 0.46 cos w``, Hann ``(1 + cos w) / 2``, and 0 above
+    ``cutoff`` x Nyquist (astra-toolbox's ``src/Filters.cpp`` and its ``FilterD`` option;
+    Kak & Slaney 1988, ch. 3).
+
+    Parameters
+    ----------
+    filter : str
+        One of :data:`FILTERS`.
+    freq : array_like
+        Frequencies along translation in cycles per translation step, 0 to 0.5 (Nyquist).
+    cutoff : float
+        Fraction of the Nyquist frequency, (0, 1], where the window is stretched to end.
+
+    Returns
+    -------
+    numpy.ndarray, float64, same shape as ``freq``
+    """
+    if filter not in FILTERS:
+        raise ReconstructionError(f"filter: expected one of {FILTERS}, got {filter!r}")
+    cutoff = _cutoff(cutoff)
+    f = np.asarray(freq, dtype=np.float64)
+    w = 2.0 * np.pi * f / cutoff
+    if filter == "shepp-logan":
+        out = np.sinc(w / (2.0 * np.pi))          # numpy's sinc(x) = sin(pi x) / (pi x)
+    elif filter == "cosine":
+        out = np.cos(w / 2.0)
+    elif filter == "hamming":
+        out = 0.54 + 0.46 * np.cos(w)
+    elif filter == "hann":
+        out = (1.0 + np.cos(w)) / 2.0
+    else:
+        out = np.ones_like(w)
+    return np.where(f > 0.5 * cutoff + 1e-12, 0.0, out)
+
+
+def _cutoff(cutoff):
+    c = float(cutoff)
+    if not (0.0 < c <= 1.0):
+        raise ReconstructionError(f"cutoff: expected a fraction of the Nyquist frequency in "
+                                  f"(0, 1], got {cutoff!r}")
+    return c
+
+
+def _uniform_turn(ang):
+    """Rows that make the (sorted) angles one uniform turn of 360 deg: 2 for a uniform
+    0-180 scan (the sinogram and its mirror), 1 for a uniform 0-360 scan, 0 otherwise."""
+    s = np.sort(ang)
+    d = np.diff(s)
+    step = float(np.median(d))
+    if step <= 0 or not np.allclose(d, step, rtol=1e-3, atol=1e-6):
+        return 0
+    cover = s[-1] - s[0] + step
+    for k, full in ((2, 180.0), (1, 360.0)):
+        if abs(cover - full) <= 0.01 * step:
+            return k
+    return 0
+
+
+def estimate_noise(sino, angles_deg, center=None):
+    """Variance of the noise of a sinogram, per radial bin, from the sinogram alone.
+
+    The sinogram of an object inside the reconstruction circle (radius ``R`` pixels) has
+    its 2D Fourier transform -- angular harmonic ``j`` over one turn, translation frequency
+    ``nu`` (cycles / step) -- essentially inside the "bow-tie" ``|j| <= 2 pi R |nu|``
+    (Rattey & Lindgren, IEEE Trans. ASSP 29 (1981) 994: the angular harmonics of a
+    projection are Bessel functions ``J_j(2 pi nu r)``, negligible for ``|j| > 2 pi nu r``).
+    Noise independent from sample to sample (Poisson counts of separate frames) fills the
+    whole plane evenly, so the mean power outside the bow-tie
+    (``|j| > 1.1 * 2 pi R |nu| + 4``) divided by the number of samples is the mean
+    noise variance per sample. A 0-180 scan is made one turn by appending its mirror
+    (``p(theta + 180, t) = p(theta, -t)`` about the axis).
+
+    Where that is not possible (angles not uniform over 180 or 360 degrees, a centre not
+    on a whole or half column, too few samples outside the bow-tie) the variance is taken
+    from second differences along translation, ``mean(d**2) / 6``: an upper bound, since
+    the curvature of the signal adds to it.
+
+    Parameters
+    ----------
+    sino : array, shape (n_angle, n_translation[, n_bin])
+        Sinogram (numpy or cupy; read on the host).
+    angles_deg : array_like, shape (n_angle,)
+    center : float or None
+        Rotation-axis column; None = ``(n_translation - 1) / 2``.
+
+    Returns
+    -------
+    dict
+        ``variance``: numpy.ndarray (n_bin,) float64, mean noise variance per sample of
+        each bin (the sinogram's units squared); ``method``: ``"bow-tie"`` or
+        ``"second-difference"``; ``samples``: Fourier coefficients (per bin) the bow-tie
+        estimate averaged (0 for the fallback).
+
+    Raises
+    ------
+    ReconstructionError
+        Wrong shape or angles, non-finite values, a centre off the detector.
+    """
+    s = np.asarray(to_numpy(_as_sino(sino)), dtype=np.float64)
+    if s.ndim == 2:
+        s = s[:, :, None]
+    if not np.all(np.isfinite(s)):
+        raise ReconstructionError("sino: contains NaN or infinite values")
+    ang = _as_angles(angles_deg, s.shape[0])
+    na, nt, nb = s.shape
+    c = _center(center, nt)
+    turn = _uniform_turn(ang)
+    whole = abs(2 * c - round(2 * c)) < 1e-6        # the mirror t -> 2c - t hits columns
+    lo = int(np.ceil(c - min(c, nt - 1 - c) - 1e-9))
+    hi = int(round(2 * c)) - lo
+    if turn and whole and hi - lo >= 16:
+        y = s[np.argsort(ang)][:, lo:hi + 1]
+        if turn == 2:
+            y = np.concatenate([y, y[:, ::-1]], axis=0)
+        A, T = y.shape[:2]
+        j = np.abs(np.fft.fftfreq(A, 1.0 / A))[:, None]
+        nu = np.abs(np.fft.fftfreq(T))[None, :]
+        radius = (T - 1) / 2.0
+        out = j > 1.1 * 2.0 * np.pi * radius * nu + 4.0
+        count = int(out.sum())
+        if count >= 64:
+            power = np.abs(np.fft.fft2(y, axes=(0, 1))) ** 2
+            var = power[out].mean(axis=0) / (A * T)
+            return {"variance": var, "method": "bow-tie", "samples": count}
+    d = s[:, :-2] - 2.0 * s[:, 1:-1] + s[:, 2:]
+    return {"variance": (d ** 2).mean(axis=(0, 1)) / 6.0, "method": "second-difference",
+            "samples": 0}
+
+
+def choose_filter(sino, angles_deg, center=None, candidates=AUTO_FILTERS):
+    """The FBP filter with the least expected image error for this sinogram's noise.
+
+    By Parseval in polar coordinates (Fourier-slice theorem; Kak & Slaney 1988, ch. 3) the
+    mean squared error of an FBP image whose ramp is windowed by ``W(nu)`` is, up to a
+    constant, ``sum over angles and nu of |nu| [(1 - W)^2 S(nu) + W^2 N(nu)]``: ``S`` the
+    power of the noise-free projections, ``N`` that of the noise. A window trades the
+    signal it removes (bias) against the noise it lets through. ``N`` is white with the
+    variance of :func:`estimate_noise`; ``S`` is the measured power along translation
+    (summed over angles and bins) less ``N``, floored at 0. The candidate with the least
+    estimated error is chosen, one for all bins of the slice (the error is summed over
+    bins, as the relative RMS of the whole volume is). Nothing is fitted to a phantom: the
+    rule is the error estimate itself; its check is benchmarks/bench_noise.py (nDTomo's
+    phantom, Poisson noise at 200, 2,000 and 20,000 counts in the brightest bin).
+
+    Parameters
+    ----------
+    sino : array, shape (n_angle, n_translation[, n_bin])
+    angles_deg : array_like, shape (n_angle,)
+    center : float or None
+        Rotation-axis column; None = ``(n_translation - 1) / 2``.
+    candidates : sequence of (str, float)
+        ``(filter, cutoff)`` pairs (:data:`FILTERS`, cutoff in (0, 1]) to choose from.
+
+    Returns
+    -------
+    choice : tuple (str, float)
+        The chosen filter and cutoff, for :func:`fbp`'s ``filter`` and ``cutoff``.
+    info : dict
+        ``filter``, ``cutoff``, ``noise_variance`` (mean over bins, per sample, the
+        sinogram's units squared), ``noise_method``, ``noise_fraction`` (noise power / total
+        power along translation, 0-1), ``expected_error`` (``"filter@cutoff"`` -> estimated
+        error relative to ``ramp``'s) and ``reason`` (one sentence).
+
+    Raises
+    ------
+    ReconstructionError
+        Bad candidates, or the errors of :func:`estimate_noise`.
+    """
+    cands = [(str(f), _cutoff(d)) for f, d in candidates]
+    bad = [f for f, _ in cands if f not in FILTERS]
+    if bad or not cands:
+        raise ReconstructionError(f"candidates: expected (filter, cutoff) pairs with filters of "
+                                  f"{FILTERS}, got {candidates!r}")
+    s = np.asarray(to_numpy(_as_sino(sino)), dtype=np.float64)
+    if s.ndim == 2:
+        s = s[:, :, None]
+    noise = estimate_noise(s, angles_deg, center)
+    na, nt, nb = s.shape
+    spec = (np.abs(np.fft.rfft(s, axis=1)) ** 2).sum(axis=(0, 2))           # (nt//2+1,)
+    nu = np.arange(spec.size) / nt
+    npow = np.full(spec.size, nt * na * float(noise["variance"].sum()))
+    sig = np.maximum(spec - npow, 0.0)
+    wt = nu * np.where((nu > 0) & (nu < 0.5), 2.0, 1.0)                     # one-sided rfft
+    risk = {}
+    for f, d in cands:
+        w = window(f, nu, d)
+        risk[(f, d)] = float((wt * ((1.0 - w) ** 2 * sig + w ** 2 * npow)).sum())
+    best = min(cands, key=lambda c: risk[c])
+    ref = float((wt * npow).sum()) + 0.0      # ramp's estimated error (no bias)
+    name = {c: (c[0] if c[1] == 1.0 else f"{c[0]}@{c[1]:g}") for c in cands}
+    rel = {name[c]: (r / ref if ref > 0 else float("nan")) for c, r in risk.items()}
+    total = float(spec.sum())
+    frac = float(npow.sum() / total) if total > 0 else float("nan")
+    why = (f"noise variance {float(noise['variance'].mean()):.3g} per sample ({noise['method']} "
+           f"estimate), {100 * frac:.1f} % of the power along translation; estimated image "
+           f"error relative to ramp: " + ", ".join(f"{k} {v:.2f}" for k, v in rel.items())
+           + f"; {name[best]} is the least")
+    return best, {"filter": best[0], "cutoff": best[1],
+                  "noise_variance": float(noise["variance"].mean()),
+                  "noise_method": noise["method"], "noise_fraction": frac,
+                  "expected_error": rel, "reason": why}
 
 
 def _rfft(xp, a, n, axis):
@@ -213,7 +428,7 @@ def _irfft(xp, a, n, axis):
     return xp.fft.irfft(a, n=n, axis=axis)
 
 
-def filter_sinogram(sino, filter="ramp", weights=None):
+def filter_sinogram(sino, filter="ramp", weights=None, cutoff=1.0):
     """Filter every projection of every radial bin along translation.
 
     Parameters
@@ -225,6 +440,8 @@ def filter_sinogram(sino, filter="ramp", weights=None):
         See :func:`ramp_filter`.
     weights : array_like, shape (n_angle,), optional
         Per-angle factors folded into the result (FBP's angular quadrature weights).
+    cutoff : float
+        See :func:`ramp_filter`.
 
     Returns
     -------
@@ -235,7 +452,7 @@ def filter_sinogram(sino, filter="ramp", weights=None):
     xp = get_xp(sino)
     na, nt, nb = sino.shape
     size = _fft_size(nt)
-    filt = xp.asarray(ramp_filter(nt, filter).astype(np.float32))[None, :, None]
+    filt = xp.asarray(ramp_filter(nt, filter, cutoff).astype(np.float32))[None, :, None]
     wa = None
     if weights is not None:
         wa = xp.asarray(np.asarray(to_numpy(weights), np.float32))[:, None, None]
@@ -380,12 +597,14 @@ def _use_cuda_kernel(xp, interpolation, kernel) -> bool:
     return ok and interpolation == "joseph"
 
 
-def _fbp_numpy(sino, ang, filter, center, circle, interpolation, pixel_chunk, kernel="auto"):
+def _fbp_numpy(sino, ang, filter, center, circle, interpolation, pixel_chunk, kernel="auto",
+               cutoff=1.0):
     xp = get_xp(sino)
     na, nt, nb = sino.shape
     c = _center(center, nt)
     w = angle_weights(ang)
-    f = filter_sinogram(sino, filter, weights=w / 2.0)   # astra: filter 2|f|, scale pi/(2 n)
+    f = filter_sinogram(sino, filter, weights=w / 2.0,   # astra: filter 2|f|, scale pi/(2 n)
+                        cutoff=cutoff)
     f2 = f.reshape(na * nt, nb)
     x, y = _pixel_coords(nt)
     if circle:
@@ -414,7 +633,7 @@ def _fbp_numpy(sino, ang, filter, center, circle, interpolation, pixel_chunk, ke
     return out.reshape(nt, nt, nb)
 
 
-def _fbp_astra(sino, ang, filter, center):
+def _fbp_astra(sino, ang, filter, center, cutoff=1.0):
     try:
         import astra
     except ImportError as err:  # pragma: no cover - astra is a dev dependency
@@ -438,7 +657,7 @@ def _fbp_astra(sino, ang, filter, center):
         s = np.concatenate([s, np.zeros((na, -k, nb), np.float32)], axis=1)
     m = s.shape[1]
     ftype = {"ramp": "ram-lak", "ram-lak": "ram-lak", "shepp-logan": "shepp-logan",
-             "hann": "hann"}[filter]
+             "cosine": "cosine", "hamming": "hamming", "hann": "hann"}[filter]
     gpu = bool(astra.use_cuda())
     vg = astra.create_vol_geom(nt, nt)
     pg = astra.create_proj_geom("parallel", 1.0, m, np.deg2rad(ang))
@@ -452,6 +671,8 @@ def _fbp_astra(sino, ang, filter, center):
     cfg["ProjectionDataId"] = sid
     cfg["ReconstructionDataId"] = rid
     cfg["option"] = {"FilterType": ftype}
+    if cutoff != 1.0:
+        cfg["option"]["FilterD"] = float(cutoff)
     aid = astra.algorithm.create(cfg)
     out = np.empty((nt, nt, nb), np.float32)
     try:
@@ -483,7 +704,8 @@ def _fbp_tomopy(sino, ang, filter, center):
     s = np.asarray(to_numpy(sino), dtype=np.float32)
     na, nt, nb = s.shape
     c = _center(center, nt)
-    fname = {"ramp": "ramlak", "ram-lak": "ramlak", "shepp-logan": "shepp", "hann": "hann"}[filter]
+    fname = {"ramp": "ramlak", "ram-lak": "ramlak", "shepp-logan": "shepp", "cosine": "cosine",
+             "hamming": "hamming", "hann": "hann"}[filter]
     # tomopy wants (angle, slice, detector): the radial bins are tomopy's slices
     proj = np.ascontiguousarray(np.transpose(s, (0, 2, 1)))
     rec = tomopy.recon(proj, np.deg2rad(ang), center=c, algorithm="gridrec",
@@ -494,7 +716,7 @@ def _fbp_tomopy(sino, ang, filter, center):
 
 
 def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negative=False,
-        backend="numpy", interpolation="joseph", pixel_chunk=None, kernel="auto"):
+        backend="numpy", interpolation="joseph", pixel_chunk=None, kernel="auto", cutoff=1.0):
     """Filtered back-projection of every radial bin of a parallel-beam sinogram.
 
     Parameters
@@ -560,8 +782,9 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     """
     if backend not in BACKENDS:
         raise ReconstructionError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if filter not in FILTERS:
-        raise ReconstructionError(f"filter: expected one of {FILTERS}, got {filter!r}")
+    if filter not in FILTER_CHOICES:
+        raise ReconstructionError(f"filter: expected one of {FILTER_CHOICES}, got {filter!r}")
+    cutoff = _cutoff(cutoff)
     s = _as_sino(sino)
     two_d = s.ndim == 2
     if two_d:
@@ -574,11 +797,15 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     ang = _as_angles(angles_deg, s.shape[0])
     nt = s.shape[1]
     c = _center(center, nt)
+    if filter == "auto":
+        (filter, cutoff), _info = choose_filter(s, ang, c)
     if backend in ("numpy", "auto"):
-        out = _fbp_numpy(s, ang, filter, c, circle, interpolation, pixel_chunk, kernel)
+        out = _fbp_numpy(s, ang, filter, c, circle, interpolation, pixel_chunk, kernel, cutoff)
     elif backend == "astra":
-        out = _fbp_astra(s, ang, filter, c)
+        out = _fbp_astra(s, ang, filter, c, cutoff)
     else:
+        if cutoff != 1.0:
+            raise ReconstructionError("cutoff: backend 'tomopy' takes the whole band (cutoff 1)")
         out = _fbp_tomopy(s, ang, filter, c)
     oxp = get_xp(out)
     if circle and backend not in ("numpy", "auto"):
