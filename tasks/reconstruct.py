@@ -338,20 +338,24 @@ def estimate_noise(sino, angles_deg, center=None):
             "samples": 0}
 
 
-def choose_filter(sino, angles_deg, center=None, candidates=AUTO_FILTERS):
-    """The FBP filter with the least expected image error for this sinogram's noise.
+def choose_filter(sino, angles_deg, center=None, candidates=AUTO_FILTERS, per_bin=True):
+    """The FBP filter of each radial bin with the least expected image error for the
+    sinogram's noise.
 
     By Parseval in polar coordinates (Fourier-slice theorem; Kak & Slaney 1988, ch. 3) the
     mean squared error of an FBP image whose ramp is windowed by ``W(nu)`` is, up to a
-    constant, ``sum over angles and nu of |nu| [(1 - W)^2 S(nu) + W^2 N(nu)]``: ``S`` the
-    power of the noise-free projections, ``N`` that of the noise. A window trades the
-    signal it removes (bias) against the noise it lets through. ``N`` is white with the
-    variance of :func:`estimate_noise`; ``S`` is the measured power along translation
-    (summed over angles and bins) less ``N``, floored at 0. The candidate with the least
-    estimated error is chosen, one for all bins of the slice (the error is summed over
-    bins, as the relative RMS of the whole volume is). Nothing is fitted to a phantom: the
-    rule is the error estimate itself; its check is benchmarks/bench_noise.py (nDTomo's
-    phantom, Poisson noise at 200, 2,000 and 20,000 counts in the brightest bin).
+    constant, ``sum over angles and nu of |nu| [(1 - W T)^2 S(nu) + (W T)^2 N(nu)]``:
+    ``S`` the power of the noise-free projections, ``N`` that of the noise, and
+    ``T = sinc(nu)^2`` the transfer of the back-projection's linear interpolation on the
+    detector (a triangle one step wide). A window trades the signal it removes (bias)
+    against the noise it lets through. ``N`` is white with the variance of
+    :func:`estimate_noise`; ``S`` is the measured power along translation (summed over
+    angles) less ``N``, floored at 0. Each bin gets the candidate with its least estimated
+    error (bins are independent images, so this also minimises their sum, the error of the
+    whole volume); ``per_bin=False`` picks one candidate for all bins from the summed
+    error. Nothing is fitted to a phantom: the rule is the error estimate itself; its
+    check is benchmarks/bench_noise.py (nDTomo's phantom, Poisson noise at 200, 2,000 and
+    20,000 counts in the brightest bin) and tests/test_noise.py.
 
     Parameters
     ----------
@@ -361,16 +365,21 @@ def choose_filter(sino, angles_deg, center=None, candidates=AUTO_FILTERS):
         Rotation-axis column; None = ``(n_translation - 1) / 2``.
     candidates : sequence of (str, float)
         ``(filter, cutoff)`` pairs (:data:`FILTERS`, cutoff in (0, 1]) to choose from.
+    per_bin : bool
+        One choice per radial bin (default), or one for the whole slice.
 
     Returns
     -------
-    choice : tuple (str, float)
-        The chosen filter and cutoff, for :func:`fbp`'s ``filter`` and ``cutoff``.
+    choice : tuple (filter, cutoff)
+        For :func:`fbp`'s ``filter`` and ``cutoff``: a str and a float when one candidate
+        serves every bin, else a list of n_bin names and a list of n_bin cutoffs.
     info : dict
-        ``filter``, ``cutoff``, ``noise_variance`` (mean over bins, per sample, the
-        sinogram's units squared), ``noise_method``, ``noise_fraction`` (noise power / total
-        power along translation, 0-1), ``expected_error`` (``"filter@cutoff"`` -> estimated
-        error relative to ``ramp``'s) and ``reason`` (one sentence).
+        ``candidates`` (names ``"filter"`` or ``"filter@cutoff"``), ``index_by_bin`` (list
+        of n_bin indices into them), ``counts`` (name -> bins), ``noise_variance`` (mean
+        over bins, per sample, the sinogram's units squared), ``noise_variance_by_bin``,
+        ``noise_method``, ``noise_fraction`` (noise power / measured power above 1/4 cycle
+        per step, all bins, 0-1), ``expected_error`` (name -> estimated error of the volume with that
+        filter in every bin, relative to ``ramp``'s) and ``reason`` (one sentence).
 
     Raises
     ------
@@ -387,29 +396,59 @@ def choose_filter(sino, angles_deg, center=None, candidates=AUTO_FILTERS):
         s = s[:, :, None]
     noise = estimate_noise(s, angles_deg, center)
     na, nt, nb = s.shape
-    spec = (np.abs(np.fft.rfft(s, axis=1)) ** 2).sum(axis=(0, 2))           # (nt//2+1,)
-    nu = np.arange(spec.size) / nt
-    npow = np.full(spec.size, nt * na * float(noise["variance"].sum()))
+    spec = (np.abs(np.fft.rfft(s, axis=1)) ** 2).sum(axis=0)                # (nfreq, nb)
+    nu = np.arange(spec.shape[0]) / nt
+    npow = nt * na * np.asarray(noise["variance"], np.float64)[None, :]     # (1, nb)
     sig = np.maximum(spec - npow, 0.0)
-    wt = nu * np.where((nu > 0) & (nu < 0.5), 2.0, 1.0)                     # one-sided rfft
-    risk = {}
-    for f, d in cands:
-        w = window(f, nu, d)
-        risk[(f, d)] = float((wt * ((1.0 - w) ** 2 * sig + w ** 2 * npow)).sum())
-    best = min(cands, key=lambda c: risk[c])
-    ref = float((wt * npow).sum()) + 0.0      # ramp's estimated error (no bias)
-    name = {c: (c[0] if c[1] == 1.0 else f"{c[0]}@{c[1]:g}") for c in cands}
-    rel = {name[c]: (r / ref if ref > 0 else float("nan")) for c, r in risk.items()}
-    total = float(spec.sum())
-    frac = float(npow.sum() / total) if total > 0 else float("nan")
-    why = (f"noise variance {float(noise['variance'].mean()):.3g} per sample ({noise['method']} "
-           f"estimate), {100 * frac:.1f} % of the power along translation; estimated image "
-           f"error relative to ramp: " + ", ".join(f"{k} {v:.2f}" for k, v in rel.items())
-           + f"; {name[best]} is the least")
-    return best, {"filter": best[0], "cutoff": best[1],
-                  "noise_variance": float(noise["variance"].mean()),
-                  "noise_method": noise["method"], "noise_fraction": frac,
-                  "expected_error": rel, "reason": why}
+    wt = (nu * np.where((nu > 0) & (nu < 0.5), 2.0, 1.0))[:, None]          # one-sided rfft
+    transfer = np.sinc(nu) ** 2               # linear interpolation: triangle, 1 step wide
+
+    def error(f, d):                          # (nb,) estimated error of each bin
+        w = (window(f, nu, d) * transfer)[:, None]
+        return (wt * ((1.0 - w) ** 2 * sig + w ** 2 * npow)).sum(axis=0)
+
+    risk = np.stack([error(f, d) for f, d in cands])                        # (cand, nb)
+    names = [f if d == 1.0 else f"{f}@{d:g}" for f, d in cands]
+    if per_bin:
+        idx = risk.argmin(axis=0)
+    else:
+        idx = np.full(nb, int(risk.sum(axis=1).argmin()))
+    ref = float(error("ramp", 1.0).sum())
+    rel = {n_: (float(r.sum()) / ref if ref > 0 else float("nan")) for n_, r in zip(names, risk)}
+    counts = {names[k]: int((idx == k).sum()) for k in np.unique(idx)}
+    hi = nu >= 0.25                           # the upper half of the band
+    total = float(spec[hi].sum())
+    frac = min(1.0, float(npow.sum() * hi.sum() / total)) if total > 0 else float("nan")
+    chosen_err = float(risk[idx, np.arange(nb)].sum()) / ref if ref > 0 else float("nan")
+    why = (f"noise variance {float(np.mean(noise['variance'])):.3g} per sample ({noise['method']} "
+           f"estimate), {100 * frac:.0f} % of the power above 1/4 cycle per step; estimated "
+           f"image "
+           f"error relative to ramp in every bin: "
+           + ", ".join(f"{k} {v:.2f}" for k, v in rel.items())
+           + ("; per bin the least: " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+              + f" ({chosen_err:.2f})" if per_bin else f"; {names[idx[0]]} is the least"))
+    if len(counts) == 1:
+        choice = cands[int(idx[0])]
+    else:
+        choice = ([cands[k][0] for k in idx], [cands[k][1] for k in idx])
+    return choice, {"candidates": names, "index_by_bin": [int(k) for k in idx],
+                    "counts": counts, "noise_variance": float(np.mean(noise["variance"])),
+                    "noise_variance_by_bin": [float(v) for v in noise["variance"]],
+                    "noise_method": noise["method"], "noise_fraction": frac,
+                    "expected_error": rel, "reason": why}
+
+
+def _bin_filters(filter, cutoff, nb):
+    """``filter``/``cutoff`` (one each, or one per bin) as two lists of ``nb``."""
+    fs = [filter] * nb if isinstance(filter, str) else list(filter)
+    ds = [cutoff] * nb if np.ndim(cutoff) == 0 else [float(d) for d in np.ravel(cutoff)]
+    if len(fs) != nb or len(ds) != nb:
+        raise ReconstructionError(f"filter, cutoff: expected one value, or one per radial bin "
+                                  f"({nb}), got {len(fs)} filters and {len(ds)} cutoffs")
+    for f in fs:
+        if f not in FILTERS:
+            raise ReconstructionError(f"filter: expected one of {FILTERS}, got {f!r}")
+    return fs, [_cutoff(d) for d in ds]
 
 
 def _rfft(xp, a, n, axis):
@@ -436,12 +475,12 @@ def filter_sinogram(sino, filter="ramp", weights=None, cutoff=1.0):
     sino : array, shape (n_angle, n_translation, n_bin), float32
         numpy or cupy array. Zero-padded along translation to the FFT size of
         :func:`ramp_filter`.
-    filter : str
-        See :func:`ramp_filter`.
+    filter : str or sequence of str
+        See :func:`ramp_filter`; one for all bins, or one per bin (n_bin).
     weights : array_like, shape (n_angle,), optional
         Per-angle factors folded into the result (FBP's angular quadrature weights).
-    cutoff : float
-        See :func:`ramp_filter`.
+    cutoff : float or sequence of float
+        See :func:`ramp_filter`; one for all bins, or one per bin.
 
     Returns
     -------
@@ -452,7 +491,13 @@ def filter_sinogram(sino, filter="ramp", weights=None, cutoff=1.0):
     xp = get_xp(sino)
     na, nt, nb = sino.shape
     size = _fft_size(nt)
-    filt = xp.asarray(ramp_filter(nt, filter, cutoff).astype(np.float32))[None, :, None]
+    fs, ds = _bin_filters(filter, cutoff, nb)
+    if len(set(zip(fs, ds))) == 1:
+        filt = xp.asarray(ramp_filter(nt, fs[0], ds[0]).astype(np.float32))[None, :, None]
+    else:                                     # one filter per bin: (1, nfreq, nb)
+        cache = {c: ramp_filter(nt, *c) for c in set(zip(fs, ds))}
+        filt = xp.asarray(np.stack([cache[c] for c in zip(fs, ds)], axis=1)
+                          .astype(np.float32))[None]
     wa = None
     if weights is not None:
         wa = xp.asarray(np.asarray(to_numpy(weights), np.float32))[:, None, None]
@@ -463,7 +508,7 @@ def filter_sinogram(sino, filter="ramp", weights=None, cutoff=1.0):
         b1 = min(nb, b0 + chunk)
         block = xp.ascontiguousarray(sino[:, :, b0:b1], dtype=xp.float32)
         spec = _rfft(xp, block, size, 1)
-        spec *= filt
+        spec *= filt if filt.shape[2] == 1 else filt[:, :, b0:b1]
         res = _irfft(xp, spec, size, 1)[:, :nt, :]
         if wa is not None:
             res = res * wa
@@ -656,8 +701,9 @@ def _fbp_astra(sino, ang, filter, center, cutoff=1.0):
     elif k < 0:
         s = np.concatenate([s, np.zeros((na, -k, nb), np.float32)], axis=1)
     m = s.shape[1]
-    ftype = {"ramp": "ram-lak", "ram-lak": "ram-lak", "shepp-logan": "shepp-logan",
-             "cosine": "cosine", "hamming": "hamming", "hann": "hann"}[filter]
+    astra_name = {"ramp": "ram-lak", "ram-lak": "ram-lak", "shepp-logan": "shepp-logan",
+                  "cosine": "cosine", "hamming": "hamming", "hann": "hann"}
+    fs, ds = _bin_filters(filter, cutoff, nb)
     gpu = bool(astra.use_cuda())
     vg = astra.create_vol_geom(nt, nt)
     pg = astra.create_proj_geom("parallel", 1.0, m, np.deg2rad(ang))
@@ -670,18 +716,25 @@ def _fbp_astra(sino, ang, filter, center, cutoff=1.0):
         cfg["ProjectorId"] = pid
     cfg["ProjectionDataId"] = sid
     cfg["ReconstructionDataId"] = rid
-    cfg["option"] = {"FilterType": ftype}
-    if cutoff != 1.0:
-        cfg["option"]["FilterD"] = float(cutoff)
-    aid = astra.algorithm.create(cfg)
     out = np.empty((nt, nt, nb), np.float32)
+    aid, current = None, None
     try:
         for b in range(nb):
+            if (fs[b], ds[b]) != current:      # one algorithm per filter (per-bin filters)
+                if aid is not None:
+                    astra.algorithm.delete(aid)
+                    aid = None
+                current = (fs[b], ds[b])
+                cfg["option"] = {"FilterType": astra_name[fs[b]]}
+                if ds[b] != 1.0:
+                    cfg["option"]["FilterD"] = float(ds[b])
+                aid = astra.algorithm.create(cfg)
             astra.data2d.store(sid, np.ascontiguousarray(s[:, :, b]))
             astra.algorithm.run(aid)
             out[:, :, b] = astra.data2d.get_shared(rid)
     finally:
-        astra.algorithm.delete(aid)
+        if aid is not None:
+            astra.algorithm.delete(aid)
         astra.data2d.delete([sid, rid])
         if pid is not None:
             astra.projector.delete(pid)
@@ -726,8 +779,12 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
         ``numpy`` backend. A 2D input gives a 2D output.
     angles_deg : array_like, shape (n_angle,)
         Rotation angles in degrees (a 180 or a 360 degree scan; see :func:`angle_weights`).
-    filter : {"ramp", "shepp-logan", "hann"}
-        astra-toolbox's ``ram-lak``, ``shepp-logan`` and ``hann`` filters (:func:`ramp_filter`).
+    filter : str or sequence of str
+        One of :data:`FILTER_CHOICES`: astra-toolbox's ``ram-lak`` (= ``ramp``),
+        ``shepp-logan``, ``cosine``, ``hamming`` and ``hann`` filters (:func:`ramp_filter`),
+        or ``auto``: per radial bin the filter and cutoff with the least expected image
+        error for the sinogram's estimated noise (:func:`choose_filter`; call it to see and
+        record the choice). A sequence gives one filter per bin (n_bin).
     center : float or None
         Rotation-axis position in translation pixels (0 = first column); None =
         ``(n_translation - 1) / 2``. The image is centred on the axis.
@@ -754,6 +811,10 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     pixel_chunk : int, optional
         Pixels per back-projection block; default ``2**18 // n_angle`` on the CPU
         (cache-sized), ``2**23 // n_angle`` for cupy arrays.
+    cutoff : float or sequence of float
+        Fraction (0, 1] of the Nyquist frequency where the filter ends, the window
+        stretched to it (astra's ``FilterD``); one for all bins or one per bin. Ignored
+        for ``filter="auto"`` (it chooses its own).
     kernel : {"auto", "spmm", "cuda"}
         Back-projection of cupy arrays: ``cuda`` the Numba-CUDA kernel
         (:func:`tasks.cuda_kernels.backproject_joseph`, one thread per pixel and bin, bins
@@ -771,7 +832,7 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     Raises
     ------
     ReconstructionError
-        Wrong shape, angle count, filter, backend, or a centre off the detector.
+        Wrong shape, angle count, filter or cutoff, backend, or a centre off the detector.
 
     Notes
     -----
@@ -782,9 +843,10 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     """
     if backend not in BACKENDS:
         raise ReconstructionError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if filter not in FILTER_CHOICES:
+    if isinstance(filter, str) and filter not in FILTER_CHOICES:
         raise ReconstructionError(f"filter: expected one of {FILTER_CHOICES}, got {filter!r}")
-    cutoff = _cutoff(cutoff)
+    if np.ndim(cutoff) == 0:
+        cutoff = _cutoff(cutoff)
     s = _as_sino(sino)
     two_d = s.ndim == 2
     if two_d:
@@ -797,15 +859,17 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     ang = _as_angles(angles_deg, s.shape[0])
     nt = s.shape[1]
     c = _center(center, nt)
-    if filter == "auto":
+    if isinstance(filter, str) and filter == "auto":
         (filter, cutoff), _info = choose_filter(s, ang, c)
+    _bin_filters(filter, cutoff, s.shape[2])           # one, or one per bin: checked here
     if backend in ("numpy", "auto"):
         out = _fbp_numpy(s, ang, filter, c, circle, interpolation, pixel_chunk, kernel, cutoff)
     elif backend == "astra":
         out = _fbp_astra(s, ang, filter, c, cutoff)
     else:
-        if cutoff != 1.0:
-            raise ReconstructionError("cutoff: backend 'tomopy' takes the whole band (cutoff 1)")
+        if not isinstance(filter, str) or np.ndim(cutoff) or cutoff != 1.0:
+            raise ReconstructionError("filter, cutoff: backend 'tomopy' takes one filter for all "
+                                      "bins and the whole band (cutoff 1)")
         out = _fbp_tomopy(s, ang, filter, c)
     oxp = get_xp(out)
     if circle and backend not in ("numpy", "auto"):
