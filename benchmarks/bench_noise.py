@@ -23,9 +23,11 @@ voxels whose summed truth exceeds 1 % of its maximum, all channels together):
   stage's corrections (``process_sinogram`` with ``SinogramSpec()``: per-angle scaling,
   air columns, centre of rotation found, Fourier-shift centring) then
   :func:`tasks.reconstruct.fbp` with ``ReconstructionSpec()``'s filter, ``auto``
-  (:func:`tasks.reconstruct.choose_filter`); the choice is shown.
+  (:func:`tasks.reconstruct.choose_filter`: a filter per radial bin); the most frequent
+  choice is shown, and all of them under the table.
 * one column per candidate of :data:`tasks.reconstruct.AUTO_FILTERS` on the same
-  corrected sinogram; ``best`` = the least of them, chosen with hindsight.
+  corrected sinogram, the same in every bin; ``best`` = the least of them, chosen with
+  hindsight.
 * ``nDTomo``: nDTomo's chain, ``nDTomo.tomo.sinograms.sinocentering`` (centre of
   rotation by flipping the 180 projection; the sinogram re-sampled by linear
   interpolation, ``interp=True``) then ``astra_rec_vol`` (astra-toolbox CPU ``FBP``,
@@ -200,12 +202,13 @@ def main(argv=None):
     peer_name = "nDTomo sinocentering + astra FBP" if nd else "nDTomo chain re-implemented"
     rspec = ReconstructionSpec()
     names = [f if d == 1.0 else f"{f}@{d:g}" for f, d in AUTO_FILTERS]
-    head = (f"{'counts':>8} | {'default (choice)':>24} | " + " | ".join(f"{x:>9}" for x in names)
+    head = (f"{'counts':>10} | {'default (choice)':>24} | " + " | ".join(f"{x:>9}" for x in names)
             + f" | {'best':>6} | {'def/best':>8} | {'nDTomo':>7} | {'def/nDT':>7}")
     print(f"relative RMS inside the sample (default spec filter: {rspec.filter}); nDTomo = {peer_name}")
     print(head)
     print("-" * len(head))
     rng = np.random.default_rng(a.seed)
+    choices = []
     for counts in [None, *a.counts]:
         if counts is None:
             s = s0
@@ -215,9 +218,13 @@ def main(argv=None):
         so, off = xrdct_sinogram(s, ang)
         crop = (slice(off, off + a.n), slice(off, off + a.n))
         if rspec.filter == "auto":
-            (f, d), _info = choose_filter(so, ang)
+            (f, d), info = choose_filter(so, ang)
+            top = sorted(info["counts"].items(), key=lambda kv: -kv[1])
+            choice = top[0][0] + (f" +{len(top) - 1}" if len(top) > 1 else "")
+            choices.append((counts, info))
         else:
             f, d = rspec.filter, rspec.cutoff
+            choice = f if d == 1.0 else f"{f}@{d:g}"
         default = rel_rms(fbp(so, ang, filter=f, cutoff=d)[crop], truth)
         errs = [rel_rms(fbp(so, ang, filter=ff, cutoff=dd)[crop], truth) for ff, dd in AUTO_FILTERS]
         if nd:
@@ -231,12 +238,19 @@ def main(argv=None):
             peer = peer_reimplemented(s, ang)
         pe = rel_rms(peer, truth_half)
         best = min(errs)
-        choice = f if d == 1.0 else f"{f}@{d:g}"
         label = "noise-free" if counts is None else f"{counts:g}"
-        print(f"{label:>8} | {default:>8.4f} ({choice:>13}) | "
+        print(f"{label:>10} | {default:>8.4f} ({choice:>13}) | "
               + " | ".join(f"{e:>9.4f}" for e in errs)
               + f" | {best:>6.4f} | {default / best:>8.3f} | {pe:>7.4f} | {default / pe:>7.3f}",
               flush=True)
+
+    print("default's choice (filter per radial bin: bins; +k = k more filters in the slice):")
+    for counts, info in choices:
+        label = "noise-free" if counts is None else f"{counts:g}"
+        print(f"  {label:>10}: " + ", ".join(f"{k} x{v}" for k, v in info["counts"].items())
+              + f"; noise variance {info['noise_variance']:.3g} per sample "
+              f"({info['noise_method']}), {100 * info['noise_fraction']:.0f} % of the power above "
+              "1/4 cycle per step")
 
 
 if __name__ == "__main__":
