@@ -333,6 +333,8 @@ def estimate_noise(sino, angles_deg, center=None):
             power = np.abs(np.fft.fft2(y, axes=(0, 1))) ** 2
             var = power[out].mean(axis=0) / (A * T)
             return {"variance": var, "method": "bow-tie", "samples": count}
+    if nt < 3:
+        return {"variance": np.zeros(nb), "method": "none (fewer than 3 columns)", "samples": 0}
     d = s[:, :-2] - 2.0 * s[:, 1:-1] + s[:, 2:]
     return {"variance": (d ** 2).mean(axis=(0, 1)) / 6.0, "method": "second-difference",
             "samples": 0}
@@ -414,12 +416,12 @@ def choose_filter(sino, angles_deg, center=None, candidates=AUTO_FILTERS, per_bi
     else:
         idx = np.full(nb, int(risk.sum(axis=1).argmin()))
     ref = float(error("ramp", 1.0).sum())
-    rel = {n_: (float(r.sum()) / ref if ref > 0 else float("nan")) for n_, r in zip(names, risk)}
+    rel = {n_: (float(r.sum()) / ref if ref > 0 else 1.0) for n_, r in zip(names, risk)}
     counts = {names[k]: int((idx == k).sum()) for k in np.unique(idx)}
     hi = nu >= 0.25                           # the upper half of the band
     total = float(spec[hi].sum())
-    frac = min(1.0, float(npow.sum() * hi.sum() / total)) if total > 0 else float("nan")
-    chosen_err = float(risk[idx, np.arange(nb)].sum()) / ref if ref > 0 else float("nan")
+    frac = min(1.0, float(npow.sum() * hi.sum() / total)) if total > 0 else 0.0
+    chosen_err = float(risk[idx, np.arange(nb)].sum()) / ref if ref > 0 else 1.0
     why = (f"noise variance {float(np.mean(noise['variance'])):.3g} per sample ({noise['method']} "
            f"estimate), {100 * frac:.0f} % of the power above 1/4 cycle per step; estimated "
            f"image "
