@@ -45,7 +45,8 @@ from tasks._checks import angles_array, sinogram_array
 from tasks._xp import get_xp, to_numpy
 
 __all__ = ["ReconstructionError", "fbp", "radon", "ramp_filter", "filter_sinogram",
-           "estimate_noise", "choose_filter", "FILTERS", "FILTER_CHOICES", "AUTO_FILTERS",
+           "window", "estimate_noise", "choose_filter", "FILTERS", "FILTER_CHOICES",
+           "AUTO_FILTERS",
            "angle_weights", "circle_mask", "circle_radius", "backprojection_matrix",
            "projection_matrix"]
 
@@ -380,8 +381,9 @@ def choose_filter(sino, angles_deg, center=None, candidates=AUTO_FILTERS, per_bi
         of n_bin indices into them), ``counts`` (name -> bins), ``noise_variance`` (mean
         over bins, per sample, the sinogram's units squared), ``noise_variance_by_bin``,
         ``noise_method``, ``noise_fraction`` (noise power / measured power above 1/4 cycle
-        per step, all bins, 0-1), ``expected_error`` (name -> estimated error of the volume with that
-        filter in every bin, relative to ``ramp``'s) and ``reason`` (one sentence).
+        per step, all bins, 0-1), ``expected_error`` (name -> estimated error of the volume
+        with that filter in every bin, relative to ``ramp``'s) and ``reason`` (one
+        sentence).
 
     Raises
     ------
