@@ -611,22 +611,41 @@ class _SliceReconstructor:
         self._projector = None
         self._model = None
 
-    def fbp(self, s):
+    def filter_for(self, s, iz: int):
+        """The FBP filter and cutoff of slice ``iz``: the spec's, or for ``auto`` those
+        :func:`tasks.reconstruct.choose_filter` picks per radial bin from the slice's
+        noise (a name and a number, or one of each per bin), recorded (choices, noise
+        estimate, why) in ``notes["filter_by_slice"]``."""
+        r = self.r
+        if r.filter != "auto":
+            return r.filter, r.cutoff
+        from tasks.reconstruct import choose_filter
+
+        choice, info = choose_filter(s, self.angles)
+        rec = {"slice": int(iz), **{k: info[k] for k in (
+            "counts", "noise_variance", "noise_method", "noise_fraction", "reason",
+            "candidates", "index_by_bin")}}
+        by = self.notes.setdefault("filter_by_slice", [])
+        by[:] = sorted([b for b in by if b["slice"] != iz] + [rec], key=lambda b: b["slice"])
+        return choice
+
+    def fbp(self, s, iz: int = 0):
         from tasks._xp import to_numpy
         from tasks.reconstruct import fbp
 
         r = self.r
+        name, cutoff = self.filter_for(s, iz)
         if self.on_gpu:
             import cupy
 
             s = cupy.asarray(s)
-        return to_numpy(fbp(s, self.angles, filter=r.filter, circle=r.circle,
+        return to_numpy(fbp(s, self.angles, filter=name, cutoff=cutoff, circle=r.circle,
                             clip_negative=r.clip_negative, backend=r.backend))
 
     def __call__(self, s, iz: int):
         r = self.r
         if r.method == "fbp":
-            return self.fbp(s)
+            return self.fbp(s, iz)
         if r.method in ("sirt", "cgls", "tv"):
             from tasks.iterative import reconstruct
             from tasks.projector import Projector
@@ -647,7 +666,7 @@ class _SliceReconstructor:
             if bad:
                 raise SpecError(f"reconstruction.gan.channels: bins {bad} do not exist; the "
                                 f"sinogram has {nb} radial bins (0..{nb - 1})")
-            vol = self.fbp(s) if len(chans) < nb else np.zeros((self.nt, self.nt, nb), np.float32)
+            vol = self.fbp(s, iz) if len(chans) < nb else np.zeros((self.nt, self.nt, nb), np.float32)
             img, _info = gan_reconstruct(s, self.angles, device=self.device, **{**opts, "channels": chans})
             vol[:, :, chans] = img.reshape(self.nt, self.nt, len(chans))
             self.notes.setdefault("gan_channels", chans)
@@ -684,7 +703,8 @@ class _SliceReconstructor:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", OutOfDistributionWarning)
             vol, info = reconstruct(s, self.angles, self._model, fallback=c.fallback,
-                                    threshold=c.ood_threshold, filter=self.r.filter)
+                                    threshold=c.ood_threshold, filter=self.r.filter,
+                                    cutoff=self.r.cutoff)
         for w in caught:  # shown in the flow's log, and recorded in the product
             _log_info(f"slice {iz}: {w.message}")
             warnings.warn(f"slice {iz}: {w.message}", w.category, stacklevel=2)
@@ -729,11 +749,13 @@ def stage_reconstruct(req: Request) -> dict:
     store.update_attrs(req.work, {"coordinate_convention": COORDINATE_CONVENTION})
     kept = SliceCheckpoints(req, "reconstruct")
     recon = _SliceReconstructor(req, angles, n, on_gpu)
+    auto_fbp = r.filter == "auto" and r.method == "fbp"
     reused = 0
     for iz in range(nz):  # one slice in memory at a time, written as it is done
         vol = kept.load(iz)
-        if vol is None:
+        if vol is None or auto_fbp:
             s = np.asarray(sino.isel(z=iz).values, np.float32)
+        if vol is None:
             try:
                 vol = recon(s, iz)
             except SpecError:
@@ -748,12 +770,38 @@ def stage_reconstruct(req: Request) -> dict:
             kept.save(iz, vol)
         else:
             reused += 1
+            if auto_fbp:  # the kept slice's filter choice, recorded again (deterministic)
+                recon.filter_for(s, iz)
         store.write_slice(req.work, "volume", iz, vol)
         progress.report("reconstruct", iz + 1, nz)
     kept.clear()
     dt = time.perf_counter() - t0
-    store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "reconstruct": dt}})
-    return {"seconds": dt, "slices_reused": reused, **recon.notes}
+    attrs = {"timings_s": {**_timings(req.work), "reconstruct": dt}}
+    if r.method == "fbp":
+        # the FBP filter of every slice: the spec's, or what "auto" chose from the noise
+        by = recon.notes.get("filter_by_slice")
+        chosen: dict = {}
+        for b in by or []:
+            for k, v in b["counts"].items():
+                chosen[k] = chosen.get(k, 0) + v
+        attrs["reconstruction_filter"] = {
+            "requested": r.filter, "cutoff_requested": r.cutoff,
+            "chosen_bins": chosen or {(r.filter if r.cutoff == 1.0 else f"{r.filter}@{r.cutoff:g}"):
+                                      int(sino.sizes["radial"]) * nz},
+            "by_slice": by or []}
+    store.update_attrs(req.work, attrs)
+    if "reconstruction_filter" in attrs:  # the summary on the volume itself, too
+        import zarr
+
+        rf = attrs["reconstruction_filter"]
+        va = {"filter": r.filter, "filter_chosen_bins": rf["chosen_bins"]}
+        if rf["by_slice"]:
+            va["noise_variance"] = float(np.mean([b["noise_variance"] for b in rf["by_slice"]]))
+        zarr.open_array(str(req.work / "volume"), mode="a").attrs.update(va)
+    notes = {k: v for k, v in recon.notes.items() if k != "filter_by_slice"}  # in the attrs
+    if "reconstruction_filter" in attrs:
+        notes["filter_chosen_bins"] = attrs["reconstruction_filter"]["chosen_bins"]
+    return {"seconds": dt, "slices_reused": reused, **notes}
 
 
 def _map_slice(vol, sigma, mask, phases, refs, radial, unit, wl, m) -> tuple[dict, np.ndarray, np.ndarray]:

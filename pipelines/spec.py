@@ -19,6 +19,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.reconstruct import FILTER_CHOICES
+
 SCHEMA_VERSION = 1
 PIPELINES_DIR = Path(__file__).resolve().parent
 PHASES_DIR = PIPELINES_DIR / "phases"
@@ -193,7 +195,15 @@ class ReconstructionSpec(_Strict):
     enabled: bool = True
     method: Literal["fbp", "sirt", "cgls", "tv", "gan", "cnn"] = "fbp"
     backend: Literal["auto", "numpy", "astra", "tomopy"] = "numpy"
-    filter: Literal["ramp", "shepp-logan", "hann"] = "ramp"
+    filter: Literal[FILTER_CHOICES] = Field(
+        default="auto",
+        description="FBP filter (astra-toolbox's names), or auto: the one with the least "
+                    "expected image error for the sinogram's estimated noise "
+                    "(tasks.reconstruct.choose_filter; the choice, the noise estimate and why "
+                    "are recorded in the product)")
+    cutoff: float = Field(default=1.0, gt=0, le=1,
+                          description="fraction of the Nyquist frequency where an explicit "
+                                      "filter ends (astra's FilterD); auto chooses its own")
     clip_negative: bool = False
     circle: bool = True
     iterative: IterativeSpec = Field(default_factory=IterativeSpec)

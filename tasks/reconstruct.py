@@ -45,10 +45,19 @@ from tasks._checks import angles_array, sinogram_array
 from tasks._xp import get_xp, to_numpy
 
 __all__ = ["ReconstructionError", "fbp", "radon", "ramp_filter", "filter_sinogram",
+           "window", "estimate_noise", "choose_filter", "FILTERS", "FILTER_CHOICES",
+           "AUTO_FILTERS",
            "angle_weights", "circle_mask", "circle_radius", "backprojection_matrix",
            "projection_matrix"]
 
-FILTERS = ("ramp", "ram-lak", "shepp-logan", "hann")
+#: FBP filters (astra-toolbox's names; "ramp" = "ram-lak"), the one vocabulary of filter names
+FILTERS = ("ramp", "ram-lak", "shepp-logan", "cosine", "hamming", "hann")
+#: the (filter, cutoff) pairs :func:`choose_filter` picks from, least to most smoothing:
+#: the whole band of each window, then Hann cut off at 0.8, 0.65 and 0.5 x Nyquist
+AUTO_FILTERS = (("ramp", 1.0), ("shepp-logan", 1.0), ("cosine", 1.0), ("hamming", 1.0),
+                ("hann", 1.0), ("hann", 0.8), ("hann", 0.65), ("hann", 0.5))
+#: what a spec or :func:`fbp` accepts: a filter, or "auto" (chosen from the data's noise)
+FILTER_CHOICES = FILTERS + ("auto",)
 BACKENDS = ("numpy", "auto", "astra", "tomopy")
 INTERPOLATIONS = ("joseph", "linear")
 KERNELS = ("auto", "spmm", "cuda")
@@ -158,21 +167,25 @@ def _fft_size(n):
     return size
 
 
-def ramp_filter(n, filter="ramp"):
+def ramp_filter(n, filter="ramp", cutoff=1.0):
     """Frequency response of astra-toolbox's FBP filters on the padded FFT grid.
 
     Built as astra's ``genFilter`` (``src/Filters.cpp``) builds it: the spatial band-limited
     ramp kernel of Kak & Slaney (``h[0] = 1/4``, ``h[k] = -1/(pi k)^2`` for odd ``k``,
     0 for even ``k``, wrapped periodically) on ``N = fft_size`` points, Fourier
-    transformed and doubled, then multiplied by the window with ``w = 2 pi k / N``:
-    Shepp-Logan ``sin(w/2) / (w/2)``, Hann ``(1 + cos w) / 2``.
+    transformed and doubled, then multiplied by the window of :func:`window` at
+    ``k / N`` cycles per step.
 
     Parameters
     ----------
     n : int
         Number of translation (detector) columns; the FFT size is the smallest power of
         two >= ``2 n`` and >= 64.
-    filter : {"ramp", "ram-lak", "shepp-logan", "hann"}
+    filter : str
+        One of :data:`FILTERS`.
+    cutoff : float
+        Fraction (0, 1] of the Nyquist frequency above which the filter is 0, the window
+        stretched to it (astra's ``FilterD``); 1 = no cut-off.
 
     Returns
     -------
@@ -189,12 +202,257 @@ def ramp_filter(n, filter="ramp"):
     h[odd] = -1.0 / (np.pi * j[odd]) ** 2
     h[0] = 0.25
     filt = 2.0 * np.fft.rfft(h).real
-    w = 2.0 * np.pi * np.arange(size // 2 + 1) / size
-    if filter == "shepp-logan":
-        filt[1:] *= np.sin(w[1:] / 2.0) / (w[1:] / 2.0)
-    elif filter == "hann":
-        filt[1:] *= (1.0 + np.cos(w[1:])) / 2.0
+    filt[1:] *= window(filter, np.arange(1, size // 2 + 1) / size, cutoff)
     return filt
+
+
+def window(filter, freq, cutoff=1.0):
+    """The window astra-toolbox multiplies its ramp by, at frequencies ``freq``.
+
+    With ``w = 2 pi freq / cutoff``: ``ramp`` 1, Shepp-Logan ``sin(w/2) / (w/2)``, cosine
+    ``cos(w/2)``, Hamming ``0.54 + 0.46 cos w``, Hann ``(1 + cos w) / 2``, and 0 above
+    ``cutoff`` x Nyquist (astra-toolbox's ``src/Filters.cpp`` and its ``FilterD`` option;
+    Kak & Slaney 1988, ch. 3).
+
+    Parameters
+    ----------
+    filter : str
+        One of :data:`FILTERS`.
+    freq : array_like
+        Frequencies along translation in cycles per translation step, 0 to 0.5 (Nyquist).
+    cutoff : float
+        Fraction of the Nyquist frequency, (0, 1], where the window is stretched to end.
+
+    Returns
+    -------
+    numpy.ndarray, float64, same shape as ``freq``
+    """
+    if filter not in FILTERS:
+        raise ReconstructionError(f"filter: expected one of {FILTERS}, got {filter!r}")
+    cutoff = _cutoff(cutoff)
+    f = np.asarray(freq, dtype=np.float64)
+    w = 2.0 * np.pi * f / cutoff
+    if filter == "shepp-logan":
+        out = np.sinc(w / (2.0 * np.pi))          # numpy's sinc(x) = sin(pi x) / (pi x)
+    elif filter == "cosine":
+        out = np.cos(w / 2.0)
+    elif filter == "hamming":
+        out = 0.54 + 0.46 * np.cos(w)
+    elif filter == "hann":
+        out = (1.0 + np.cos(w)) / 2.0
+    else:
+        out = np.ones_like(w)
+    return np.where(f > 0.5 * cutoff + 1e-12, 0.0, out)
+
+
+def _cutoff(cutoff):
+    c = float(cutoff)
+    if not (0.0 < c <= 1.0):
+        raise ReconstructionError(f"cutoff: expected a fraction of the Nyquist frequency in "
+                                  f"(0, 1], got {cutoff!r}")
+    return c
+
+
+def _uniform_turn(ang):
+    """Rows that make the (sorted) angles one uniform turn of 360 deg: 2 for a uniform
+    0-180 scan (the sinogram and its mirror), 1 for a uniform 0-360 scan, 0 otherwise."""
+    s = np.sort(ang)
+    d = np.diff(s)
+    step = float(np.median(d))
+    if step <= 0 or not np.allclose(d, step, rtol=1e-3, atol=1e-6):
+        return 0
+    cover = s[-1] - s[0] + step
+    for k, full in ((2, 180.0), (1, 360.0)):
+        if abs(cover - full) <= 0.01 * step:
+            return k
+    return 0
+
+
+def estimate_noise(sino, angles_deg, center=None):
+    """Variance of the noise of a sinogram, per radial bin, from the sinogram alone.
+
+    The sinogram of an object inside the reconstruction circle (radius ``R`` pixels) has
+    its 2D Fourier transform -- angular harmonic ``j`` over one turn, translation frequency
+    ``nu`` (cycles / step) -- essentially inside the "bow-tie" ``|j| <= 2 pi R |nu|``
+    (Rattey & Lindgren, IEEE Trans. ASSP 29 (1981) 994: the angular harmonics of a
+    projection are Bessel functions ``J_j(2 pi nu r)``, negligible for ``|j| > 2 pi nu r``).
+    Noise independent from sample to sample (Poisson counts of separate frames) fills the
+    whole plane evenly, so the mean power outside the bow-tie
+    (``|j| > 1.1 * 2 pi R |nu| + 4``) divided by the number of samples is the mean
+    noise variance per sample. A 0-180 scan is made one turn by appending its mirror
+    (``p(theta + 180, t) = p(theta, -t)`` about the axis).
+
+    Where that is not possible (angles not uniform over 180 or 360 degrees, a centre not
+    on a whole or half column, too few samples outside the bow-tie) the variance is taken
+    from second differences along translation, ``mean(d**2) / 6``: an upper bound, since
+    the curvature of the signal adds to it.
+
+    Parameters
+    ----------
+    sino : array, shape (n_angle, n_translation[, n_bin])
+        Sinogram (numpy or cupy; read on the host).
+    angles_deg : array_like, shape (n_angle,)
+    center : float or None
+        Rotation-axis column; None = ``(n_translation - 1) / 2``.
+
+    Returns
+    -------
+    dict
+        ``variance``: numpy.ndarray (n_bin,) float64, mean noise variance per sample of
+        each bin (the sinogram's units squared); ``method``: ``"bow-tie"`` or
+        ``"second-difference"``; ``samples``: Fourier coefficients (per bin) the bow-tie
+        estimate averaged (0 for the fallback).
+
+    Raises
+    ------
+    ReconstructionError
+        Wrong shape or angles, non-finite values, a centre off the detector.
+    """
+    s = np.asarray(to_numpy(_as_sino(sino)), dtype=np.float64)
+    if s.ndim == 2:
+        s = s[:, :, None]
+    if not np.all(np.isfinite(s)):
+        raise ReconstructionError("sino: contains NaN or infinite values")
+    ang = _as_angles(angles_deg, s.shape[0])
+    na, nt, nb = s.shape
+    c = _center(center, nt)
+    turn = _uniform_turn(ang)
+    whole = abs(2 * c - round(2 * c)) < 1e-6        # the mirror t -> 2c - t hits columns
+    lo = int(np.ceil(c - min(c, nt - 1 - c) - 1e-9))
+    hi = int(round(2 * c)) - lo
+    if turn and whole and hi - lo >= 16:
+        y = s[np.argsort(ang)][:, lo:hi + 1]
+        if turn == 2:
+            y = np.concatenate([y, y[:, ::-1]], axis=0)
+        A, T = y.shape[:2]
+        j = np.abs(np.fft.fftfreq(A, 1.0 / A))[:, None]
+        nu = np.abs(np.fft.fftfreq(T))[None, :]
+        radius = (T - 1) / 2.0
+        out = j > 1.1 * 2.0 * np.pi * radius * nu + 4.0
+        count = int(out.sum())
+        if count >= 64:
+            power = np.abs(np.fft.fft2(y, axes=(0, 1))) ** 2
+            var = power[out].mean(axis=0) / (A * T)
+            return {"variance": var, "method": "bow-tie", "samples": count}
+    if nt < 3:
+        return {"variance": np.zeros(nb), "method": "none (fewer than 3 columns)", "samples": 0}
+    d = s[:, :-2] - 2.0 * s[:, 1:-1] + s[:, 2:]
+    return {"variance": (d ** 2).mean(axis=(0, 1)) / 6.0, "method": "second-difference",
+            "samples": 0}
+
+
+def choose_filter(sino, angles_deg, center=None, candidates=AUTO_FILTERS, per_bin=True):
+    """The FBP filter of each radial bin with the least expected image error for the
+    sinogram's noise.
+
+    By Parseval in polar coordinates (Fourier-slice theorem; Kak & Slaney 1988, ch. 3) the
+    mean squared error of an FBP image whose ramp is windowed by ``W(nu)`` is, up to a
+    constant, ``sum over angles and nu of |nu| [(1 - W T)^2 S(nu) + (W T)^2 N(nu)]``:
+    ``S`` the power of the noise-free projections, ``N`` that of the noise, and
+    ``T = sinc(nu)^2`` the transfer of the back-projection's linear interpolation on the
+    detector (a triangle one step wide). A window trades the signal it removes (bias)
+    against the noise it lets through. ``N`` is white with the variance of
+    :func:`estimate_noise`; ``S`` is the measured power along translation (summed over
+    angles) less ``N``, floored at 0. Each bin gets the candidate with its least estimated
+    error (bins are independent images, so this also minimises their sum, the error of the
+    whole volume); ``per_bin=False`` picks one candidate for all bins from the summed
+    error. Nothing is fitted to a phantom: the rule is the error estimate itself; its
+    check is benchmarks/bench_noise.py (nDTomo's phantom, Poisson noise at 200, 2,000 and
+    20,000 counts in the brightest bin) and tests/test_noise.py.
+
+    Parameters
+    ----------
+    sino : array, shape (n_angle, n_translation[, n_bin])
+    angles_deg : array_like, shape (n_angle,)
+    center : float or None
+        Rotation-axis column; None = ``(n_translation - 1) / 2``.
+    candidates : sequence of (str, float)
+        ``(filter, cutoff)`` pairs (:data:`FILTERS`, cutoff in (0, 1]) to choose from.
+    per_bin : bool
+        One choice per radial bin (default), or one for the whole slice.
+
+    Returns
+    -------
+    choice : tuple (filter, cutoff)
+        For :func:`fbp`'s ``filter`` and ``cutoff``: a str and a float when one candidate
+        serves every bin, else a list of n_bin names and a list of n_bin cutoffs.
+    info : dict
+        ``candidates`` (names ``"filter"`` or ``"filter@cutoff"``), ``index_by_bin`` (list
+        of n_bin indices into them), ``counts`` (name -> bins), ``noise_variance`` (mean
+        over bins, per sample, the sinogram's units squared), ``noise_variance_by_bin``,
+        ``noise_method``, ``noise_fraction`` (noise power / measured power above 1/4 cycle
+        per step, all bins, 0-1), ``expected_error`` (name -> estimated error of the volume
+        with that filter in every bin, relative to ``ramp``'s) and ``reason`` (one
+        sentence).
+
+    Raises
+    ------
+    ReconstructionError
+        Bad candidates, or the errors of :func:`estimate_noise`.
+    """
+    cands = [(str(f), _cutoff(d)) for f, d in candidates]
+    bad = [f for f, _ in cands if f not in FILTERS]
+    if bad or not cands:
+        raise ReconstructionError(f"candidates: expected (filter, cutoff) pairs with filters of "
+                                  f"{FILTERS}, got {candidates!r}")
+    s = np.asarray(to_numpy(_as_sino(sino)), dtype=np.float64)
+    if s.ndim == 2:
+        s = s[:, :, None]
+    noise = estimate_noise(s, angles_deg, center)
+    na, nt, nb = s.shape
+    spec = (np.abs(np.fft.rfft(s, axis=1)) ** 2).sum(axis=0)                # (nfreq, nb)
+    nu = np.arange(spec.shape[0]) / nt
+    npow = nt * na * np.asarray(noise["variance"], np.float64)[None, :]     # (1, nb)
+    sig = np.maximum(spec - npow, 0.0)
+    wt = (nu * np.where((nu > 0) & (nu < 0.5), 2.0, 1.0))[:, None]          # one-sided rfft
+    transfer = np.sinc(nu) ** 2               # linear interpolation: triangle, 1 step wide
+
+    def error(f, d):                          # (nb,) estimated error of each bin
+        w = (window(f, nu, d) * transfer)[:, None]
+        return (wt * ((1.0 - w) ** 2 * sig + w ** 2 * npow)).sum(axis=0)
+
+    risk = np.stack([error(f, d) for f, d in cands])                        # (cand, nb)
+    names = [f if d == 1.0 else f"{f}@{d:g}" for f, d in cands]
+    if per_bin:
+        idx = risk.argmin(axis=0)
+    else:
+        idx = np.full(nb, int(risk.sum(axis=1).argmin()))
+    ref = float(error("ramp", 1.0).sum())
+    rel = {n_: (float(r.sum()) / ref if ref > 0 else 1.0) for n_, r in zip(names, risk)}
+    counts = {names[k]: int((idx == k).sum()) for k in np.unique(idx)}
+    hi = nu >= 0.25                           # the upper half of the band
+    total = float(spec[hi].sum())
+    frac = min(1.0, float(npow.sum() * hi.sum() / total)) if total > 0 else 0.0
+    chosen_err = float(risk[idx, np.arange(nb)].sum()) / ref if ref > 0 else 1.0
+    why = (f"noise variance {float(np.mean(noise['variance'])):.3g} per sample ({noise['method']} "
+           f"estimate), {100 * frac:.0f} % of the power above 1/4 cycle per step; estimated "
+           f"image "
+           f"error relative to ramp in every bin: "
+           + ", ".join(f"{k} {v:.2f}" for k, v in rel.items())
+           + ("; per bin the least: " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+              + f" ({chosen_err:.2f})" if per_bin else f"; {names[idx[0]]} is the least"))
+    if len(counts) == 1:
+        choice = cands[int(idx[0])]
+    else:
+        choice = ([cands[k][0] for k in idx], [cands[k][1] for k in idx])
+    return choice, {"candidates": names, "index_by_bin": [int(k) for k in idx],
+                    "counts": counts, "noise_variance": float(np.mean(noise["variance"])),
+                    "noise_variance_by_bin": [float(v) for v in noise["variance"]],
+                    "noise_method": noise["method"], "noise_fraction": frac,
+                    "expected_error": rel, "reason": why}
+
+
+def _bin_filters(filter, cutoff, nb):
+    """``filter``/``cutoff`` (one each, or one per bin) as two lists of ``nb``."""
+    fs = [filter] * nb if isinstance(filter, str) else list(filter)
+    ds = [cutoff] * nb if np.ndim(cutoff) == 0 else [float(d) for d in np.ravel(cutoff)]
+    if len(fs) != nb or len(ds) != nb:
+        raise ReconstructionError(f"filter, cutoff: expected one value, or one per radial bin "
+                                  f"({nb}), got {len(fs)} filters and {len(ds)} cutoffs")
+    for f in fs:
+        if f not in FILTERS:
+            raise ReconstructionError(f"filter: expected one of {FILTERS}, got {f!r}")
+    return fs, [_cutoff(d) for d in ds]
 
 
 def _rfft(xp, a, n, axis):
@@ -213,7 +471,7 @@ def _irfft(xp, a, n, axis):
     return xp.fft.irfft(a, n=n, axis=axis)
 
 
-def filter_sinogram(sino, filter="ramp", weights=None):
+def filter_sinogram(sino, filter="ramp", weights=None, cutoff=1.0):
     """Filter every projection of every radial bin along translation.
 
     Parameters
@@ -221,10 +479,12 @@ def filter_sinogram(sino, filter="ramp", weights=None):
     sino : array, shape (n_angle, n_translation, n_bin), float32
         numpy or cupy array. Zero-padded along translation to the FFT size of
         :func:`ramp_filter`.
-    filter : str
-        See :func:`ramp_filter`.
+    filter : str or sequence of str
+        See :func:`ramp_filter`; one for all bins, or one per bin (n_bin).
     weights : array_like, shape (n_angle,), optional
         Per-angle factors folded into the result (FBP's angular quadrature weights).
+    cutoff : float or sequence of float
+        See :func:`ramp_filter`; one for all bins, or one per bin.
 
     Returns
     -------
@@ -235,7 +495,13 @@ def filter_sinogram(sino, filter="ramp", weights=None):
     xp = get_xp(sino)
     na, nt, nb = sino.shape
     size = _fft_size(nt)
-    filt = xp.asarray(ramp_filter(nt, filter).astype(np.float32))[None, :, None]
+    fs, ds = _bin_filters(filter, cutoff, nb)
+    if len(set(zip(fs, ds))) == 1:
+        filt = xp.asarray(ramp_filter(nt, fs[0], ds[0]).astype(np.float32))[None, :, None]
+    else:                                     # one filter per bin: (1, nfreq, nb)
+        cache = {c: ramp_filter(nt, *c) for c in set(zip(fs, ds))}
+        filt = xp.asarray(np.stack([cache[c] for c in zip(fs, ds)], axis=1)
+                          .astype(np.float32))[None]
     wa = None
     if weights is not None:
         wa = xp.asarray(np.asarray(to_numpy(weights), np.float32))[:, None, None]
@@ -246,7 +512,7 @@ def filter_sinogram(sino, filter="ramp", weights=None):
         b1 = min(nb, b0 + chunk)
         block = xp.ascontiguousarray(sino[:, :, b0:b1], dtype=xp.float32)
         spec = _rfft(xp, block, size, 1)
-        spec *= filt
+        spec *= filt if filt.shape[2] == 1 else filt[:, :, b0:b1]
         res = _irfft(xp, spec, size, 1)[:, :nt, :]
         if wa is not None:
             res = res * wa
@@ -374,12 +640,14 @@ def _use_cuda_kernel(xp, interpolation, kernel) -> bool:
     return interpolation == "joseph"   # cupy arrays: cupy, and so the kernel, can run
 
 
-def _fbp_numpy(sino, ang, filter, center, circle, interpolation, pixel_chunk, kernel="auto"):
+def _fbp_numpy(sino, ang, filter, center, circle, interpolation, pixel_chunk, kernel="auto",
+               cutoff=1.0):
     xp = get_xp(sino)
     na, nt, nb = sino.shape
     c = _center(center, nt)
     w = angle_weights(ang)
-    f = filter_sinogram(sino, filter, weights=w / 2.0)   # astra: filter 2|f|, scale pi/(2 n)
+    f = filter_sinogram(sino, filter, weights=w / 2.0,   # astra: filter 2|f|, scale pi/(2 n)
+                        cutoff=cutoff)
     f2 = f.reshape(na * nt, nb)
     x, y = _pixel_coords(nt)
     if circle:
@@ -413,7 +681,7 @@ def _fbp_numpy(sino, ang, filter, center, circle, interpolation, pixel_chunk, ke
     return out.reshape(nt, nt, nb)
 
 
-def _fbp_astra(sino, ang, filter, center):
+def _fbp_astra(sino, ang, filter, center, cutoff=1.0):
     try:
         import astra
     except ImportError as err:  # pragma: no cover - astra is a dev dependency
@@ -436,8 +704,9 @@ def _fbp_astra(sino, ang, filter, center):
     elif k < 0:
         s = np.concatenate([s, np.zeros((na, -k, nb), np.float32)], axis=1)
     m = s.shape[1]
-    ftype = {"ramp": "ram-lak", "ram-lak": "ram-lak", "shepp-logan": "shepp-logan",
-             "hann": "hann"}[filter]
+    astra_name = {"ramp": "ram-lak", "ram-lak": "ram-lak", "shepp-logan": "shepp-logan",
+                  "cosine": "cosine", "hamming": "hamming", "hann": "hann"}
+    fs, ds = _bin_filters(filter, cutoff, nb)
     gpu = bool(astra.use_cuda())
     vg = astra.create_vol_geom(nt, nt)
     pg = astra.create_proj_geom("parallel", 1.0, m, np.deg2rad(ang))
@@ -450,16 +719,25 @@ def _fbp_astra(sino, ang, filter, center):
         cfg["ProjectorId"] = pid
     cfg["ProjectionDataId"] = sid
     cfg["ReconstructionDataId"] = rid
-    cfg["option"] = {"FilterType": ftype}
-    aid = astra.algorithm.create(cfg)
     out = np.empty((nt, nt, nb), np.float32)
+    aid, current = None, None
     try:
         for b in range(nb):
+            if (fs[b], ds[b]) != current:      # one algorithm per filter (per-bin filters)
+                if aid is not None:
+                    astra.algorithm.delete(aid)
+                    aid = None
+                current = (fs[b], ds[b])
+                cfg["option"] = {"FilterType": astra_name[fs[b]]}
+                if ds[b] != 1.0:
+                    cfg["option"]["FilterD"] = float(ds[b])
+                aid = astra.algorithm.create(cfg)
             astra.data2d.store(sid, np.ascontiguousarray(s[:, :, b]))
             astra.algorithm.run(aid)
             out[:, :, b] = astra.data2d.get_shared(rid)
     finally:
-        astra.algorithm.delete(aid)
+        if aid is not None:
+            astra.algorithm.delete(aid)
         astra.data2d.delete([sid, rid])
         if pid is not None:
             astra.projector.delete(pid)
@@ -482,7 +760,8 @@ def _fbp_tomopy(sino, ang, filter, center):
     s = np.asarray(to_numpy(sino), dtype=np.float32)
     na, nt, nb = s.shape
     c = _center(center, nt)
-    fname = {"ramp": "ramlak", "ram-lak": "ramlak", "shepp-logan": "shepp", "hann": "hann"}[filter]
+    fname = {"ramp": "ramlak", "ram-lak": "ramlak", "shepp-logan": "shepp", "cosine": "cosine",
+             "hamming": "hamming", "hann": "hann"}[filter]
     # tomopy wants (angle, slice, detector): the radial bins are tomopy's slices
     proj = np.ascontiguousarray(np.transpose(s, (0, 2, 1)))
     rec = tomopy.recon(proj, np.deg2rad(ang), center=c, algorithm="gridrec",
@@ -493,7 +772,7 @@ def _fbp_tomopy(sino, ang, filter, center):
 
 
 def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negative=False,
-        backend="numpy", interpolation="joseph", pixel_chunk=None, kernel="auto"):
+        backend="numpy", interpolation="joseph", pixel_chunk=None, kernel="auto", cutoff=1.0):
     """Filtered back-projection of every radial bin of a parallel-beam sinogram.
 
     Parameters
@@ -503,8 +782,12 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
         ``numpy`` backend. A 2D input gives a 2D output.
     angles_deg : array_like, shape (n_angle,)
         Rotation angles in degrees (a 180 or a 360 degree scan; see :func:`angle_weights`).
-    filter : {"ramp", "shepp-logan", "hann"}
-        astra-toolbox's ``ram-lak``, ``shepp-logan`` and ``hann`` filters (:func:`ramp_filter`).
+    filter : str or sequence of str
+        One of :data:`FILTER_CHOICES`: astra-toolbox's ``ram-lak`` (= ``ramp``),
+        ``shepp-logan``, ``cosine``, ``hamming`` and ``hann`` filters (:func:`ramp_filter`),
+        or ``auto``: per radial bin the filter and cutoff with the least expected image
+        error for the sinogram's estimated noise (:func:`choose_filter`; call it to see and
+        record the choice). A sequence gives one filter per bin (n_bin).
     center : float or None
         Rotation-axis position in translation pixels (0 = first column); None =
         ``(n_translation - 1) / 2``. The image is centred on the axis.
@@ -531,6 +814,10 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     pixel_chunk : int, optional
         Pixels per back-projection block; default ``2**18 // n_angle`` on the CPU
         (cache-sized), ``2**23 // n_angle`` for cupy arrays.
+    cutoff : float or sequence of float
+        Fraction (0, 1] of the Nyquist frequency where the filter ends, the window
+        stretched to it (astra's ``FilterD``); one for all bins or one per bin. Ignored
+        for ``filter="auto"`` (it chooses its own).
     kernel : {"auto", "spmm", "cuda"}
         Back-projection of cupy arrays: ``cuda`` the CuPy CUDA kernel
         (:func:`tasks.cuda_kernels.backproject_joseph`: tiles of 8 x 8 pixels x 32 bins,
@@ -551,7 +838,7 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     Raises
     ------
     ReconstructionError
-        Wrong shape, angle count, filter, backend, or a centre off the detector.
+        Wrong shape, angle count, filter or cutoff, backend, or a centre off the detector.
 
     Notes
     -----
@@ -562,8 +849,10 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     """
     if backend not in BACKENDS:
         raise ReconstructionError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if filter not in FILTERS:
-        raise ReconstructionError(f"filter: expected one of {FILTERS}, got {filter!r}")
+    if isinstance(filter, str) and filter not in FILTER_CHOICES:
+        raise ReconstructionError(f"filter: expected one of {FILTER_CHOICES}, got {filter!r}")
+    if np.ndim(cutoff) == 0:
+        cutoff = _cutoff(cutoff)
     s = _as_sino(sino)
     two_d = s.ndim == 2
     if two_d:
@@ -576,11 +865,17 @@ def fbp(sino, angles_deg, *, filter="ramp", center=None, circle=True, clip_negat
     ang = _as_angles(angles_deg, s.shape[0])
     nt = s.shape[1]
     c = _center(center, nt)
+    if isinstance(filter, str) and filter == "auto":
+        (filter, cutoff), _info = choose_filter(s, ang, c)
+    _bin_filters(filter, cutoff, s.shape[2])           # one, or one per bin: checked here
     if backend in ("numpy", "auto"):
-        out = _fbp_numpy(s, ang, filter, c, circle, interpolation, pixel_chunk, kernel)
+        out = _fbp_numpy(s, ang, filter, c, circle, interpolation, pixel_chunk, kernel, cutoff)
     elif backend == "astra":
-        out = _fbp_astra(s, ang, filter, c)
+        out = _fbp_astra(s, ang, filter, c, cutoff)
     else:
+        if not isinstance(filter, str) or np.ndim(cutoff) or cutoff != 1.0:
+            raise ReconstructionError("filter, cutoff: backend 'tomopy' takes one filter for all "
+                                      "bins and the whole band (cutoff 1)")
         out = _fbp_tomopy(s, ang, filter, c)
     oxp = get_xp(out)
     if circle and backend not in ("numpy", "auto"):

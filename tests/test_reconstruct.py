@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from helpers import phantom, pyxrdct_sinograms
-from tasks.reconstruct import (ReconstructionError, angle_weights, circle_mask, fbp, radon,
-                               ramp_filter)
+from tasks.reconstruct import (FILTERS as ALL_FILTERS, ReconstructionError, angle_weights,
+                               circle_mask, fbp, radon, ramp_filter)
 
 astra = pytest.importorskip("astra", reason="astra-toolbox is the reference FBP (pip install astra-toolbox)")
 
-FILTERS = ["ramp", "shepp-logan", "hann"]
-ASTRA_FILTER = {"ramp": "ram-lak", "shepp-logan": "shepp-logan", "hann": "hann"}
+FILTERS = [f for f in ALL_FILTERS if f != "ram-lak"]   # "ram-lak" is "ramp"'s other name
+ASTRA_FILTER = {f: ("ram-lak" if f == "ramp" else f) for f in FILTERS}
 
 
 def rel_rms(a, ref, mask):
@@ -82,7 +82,7 @@ def test_fbp_equals_astra_on_real_sinograms(real, filt):
         ref = astra_fbp(s, ang, filt)
         err = rel_rms(ours[:, :, b], ref, mask)
         print(f"real image{b + 1} {filt}: relative RMS vs astra FBP = {err:.2e}")
-        assert err < 0.01
+        assert err < 3e-3                # measured <= 1.7e-3 (708 columns, sharp detail)
         # our circle is zeroed, astra's is not: only the inside is compared
         assert np.all(ours[~mask, b] == 0)
 
@@ -97,7 +97,42 @@ def test_fbp_equals_astra_on_multibin_phantom(filt):
     mask = circle_mask(n)
     errs = [rel_rms(ours[:, :, b], astra_fbp(sino[:, :, b], ang, filt), mask) for b in range(nb)]
     print(f"phantom {filt}: relative RMS vs astra per bin = {np.round(errs, 6).tolist()}")
-    assert max(errs) < 0.01
+    assert max(errs) < 1e-4          # measured 1e-5 (float32 rounding)
+
+
+def test_cutoff_and_per_bin_filters_equal_astra():
+    """A cut-off (astra's FilterD) and a different filter in every bin, in one batched
+    call, against astra's FBP bin by bin (astra's option set per bin), within 1e-4."""
+    n, nb = 96, 6
+    ang = np.arange(120) * 1.5
+    sino = radon(phantom(n, nb), ang)
+    fs = ["ramp", "hann", "cosine", "hann", "shepp-logan", "hamming"]
+    ds = [1.0, 0.8, 1.0, 0.5, 0.65, 1.0]
+    ours = fbp(sino, ang, filter=fs, cutoff=ds)
+    mask = circle_mask(n)
+    errs = []
+    for b in range(nb):
+        vg = astra.create_vol_geom(n, n)
+        pg = astra.create_proj_geom("parallel", 1.0, n, np.deg2rad(ang))
+        pid = astra.create_projector("linear", pg, vg)
+        sid = astra.data2d.create("-sino", pg, np.ascontiguousarray(sino[:, :, b]))
+        rid = astra.data2d.create("-vol", vg, 0)
+        cfg = astra.astra_dict("FBP")
+        cfg.update(ProjectorId=pid, ProjectionDataId=sid, ReconstructionDataId=rid,
+                   option={"FilterType": ASTRA_FILTER[fs[b]], "FilterD": ds[b]})
+        aid = astra.algorithm.create(cfg)
+        astra.algorithm.run(aid)
+        ref = astra.data2d.get(rid)
+        astra.algorithm.delete(aid)
+        astra.data2d.delete([sid, rid])
+        astra.projector.delete(pid)
+        errs.append(rel_rms(ours[:, :, b], ref, mask))
+    print(f"per-bin filters and cut-offs vs astra: {np.round(errs, 6).tolist()}")
+    assert max(errs) < 1e-4
+    via = fbp(sino, ang, filter=fs, cutoff=ds, backend="astra")
+    assert max(rel_rms(via[:, :, b], ours[:, :, b], mask) for b in range(nb)) < 1e-4
+    with pytest.raises(ReconstructionError, match="one per radial bin"):
+        fbp(sino, ang, filter=fs[:3])
 
 
 def test_batched_equals_per_bin():
@@ -145,7 +180,7 @@ def test_filter_is_astras_ramp():
     """The ramp is Kak & Slaney's band-limited kernel: ~ 2|f| with f in cycles/sample,
     and the windows are 1 at f=0 and (hann) 0 at Nyquist."""
     n = 100
-    r, sl, hn = (ramp_filter(n, f) for f in FILTERS)
+    r, sl, hn = (ramp_filter(n, f) for f in ("ramp", "shepp-logan", "hann"))
     size = 2 * (r.size - 1)
     f = np.arange(r.size) / size
     assert size == 256
