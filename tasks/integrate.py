@@ -598,10 +598,13 @@ class RadialIntegrator:
         sub_batch : int
             Frames processed together on the CPU (memory: about 20 bytes x pixels x
             sub_batch); cupy frames are processed as one batch.
-        engine : {"auto", "array"}
+        engine : {"auto", "array", "kernel"}
             ``"auto"``: cupy frames run the array-module path on the GPU, numpy frames the
             cache-blocked CPU path; ``"array"``: the array-module path (the arithmetic the GPU
-            runs) on numpy frames too, for checking it without a GPU.
+            runs) on numpy frames too, for checking it without a GPU; ``"kernel"`` (cupy
+            frames): one CUDA kernel with every iteration inside
+            (:func:`tasks.cuda_kernels.sigma_clip_csr`); opt-in until the GPU tests have
+            run it on a device.
 
         Returns
         -------
@@ -609,11 +612,16 @@ class RadialIntegrator:
             Clipped mean and its standard error, on :attr:`radial_clip`.
         """
         xp, f = self._frames(frames)
-        if engine not in ("auto", "array"):
-            raise IntegrationError(f"engine {engine!r}: expected 'auto' or 'array'")
+        if engine not in ("auto", "array", "kernel"):
+            raise IntegrationError(f"engine {engine!r}: expected 'auto', 'array' or 'kernel'")
+        if engine == "kernel" and xp is np:
+            raise IntegrationError("engine 'kernel': the clipping kernel runs on cupy frames only")
         if xp is not np or engine == "array":
             mon = self._monitor(monitor, f.shape[0], xp)
-            i, sg = self._sigma_clip_array(xp, f, float(thres), int(max_iter))
+            if engine == "kernel":
+                i, sg = self._sigma_clip_kernel(f, float(thres), int(max_iter))
+            else:
+                i, sg = self._sigma_clip_array(xp, f, float(thres), int(max_iter))
             if mon is not None:
                 i, sg = i / mon[:, None], sg / mon[:, None]
             return i.astype(xp.float32), sg.astype(xp.float32)
@@ -630,6 +638,20 @@ class RadialIntegrator:
             out_i[s:e] = i
             out_s[s:e] = sg
         return out_i, out_s
+
+    def _sigma_clip_kernel(self, f, thres: float, max_iter: int):
+        """Sigma clip of cupy frames by :func:`tasks.cuda_kernels.sigma_clip_csr`; returns
+        (n, npt) float64 arrays as :meth:`_sigma_clip_array` does."""
+        import cupy as cp  # noqa: PLC0415
+
+        from tasks.cuda_kernels import sigma_clip_csr  # noqa: PLC0415
+
+        pix, _bin_of, indptr, om, dark = self._segments(cp)
+        dummy, delta = self.dummies(f.dtype)
+        csr = self._csr("no")
+        return sigma_clip_csr(f, indptr, pix, om, dark, max_count=int(csr.counts.max(initial=1)),
+                              dummy=dummy, delta=delta, poisson=self.error_model == "poisson",
+                              thres=thres, max_iter=max_iter)
 
     @property
     def radial_clip(self) -> np.ndarray:

@@ -254,3 +254,19 @@ def test_cluster_setting(monkeypatch):
     with pytest.raises(BackendError, match=r"cluster 'cuda' needs dask_cuda .*\(pip install -e '\.\[gpu\]'"):
         with _dask_client(None, None, "cuda"):
             pass
+
+
+def test_clipping_kernel_capacity_and_cpu_refusal(sim):
+    """The one-kernel sigma clip holds each bin's pixels in registers, K per thread (a power
+    of two, one bit each in a 64-bit mask): K follows the largest bin, a bin too large for
+    64 x threads is refused by name, and the kernel engine refuses numpy frames."""
+    from tasks.cuda_kernels import CLIP_THREADS, clip_entries_per_thread
+    from tasks.integrate import IntegrationError, integrator_from_spec
+
+    t = CLIP_THREADS
+    assert [clip_entries_per_thread(c) for c in (1, t, t + 1, 3 * t, 64 * t)] == [1, 1, 2, 4, 64]
+    with pytest.raises(ValueError, match="bin holds"):
+        clip_entries_per_thread(64 * t + 1)
+    integ = integrator_from_spec(_spec(sim), shape=(213, 206))
+    with pytest.raises(IntegrationError, match="engine 'kernel'"):
+        integ.integrate_sigma_clip(np.zeros((1, 213, 206), np.uint32), engine="kernel")

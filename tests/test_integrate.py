@@ -403,9 +403,19 @@ def test_gpu_clipping_filters_match_cpu(ri_q, frame2m, hot_frame):
     g, gs = ri_q.integrate_sigma_clip(cp.asarray(frames), thres=4, max_iter=5)
     t_cpu, _ = ri_q.integrate_trimmed_mean(frames, quantiles=(0.0, 0.9))
     t_gpu, _ = ri_q.integrate_trimmed_mean(cp.asarray(frames), quantiles=(0.0, 0.9))
+    # the one-kernel sigma clip (opt-in engine) on the same frames, both error models
+    kg, kgs = ri_q.integrate_sigma_clip(cp.asarray(frames), thres=4, max_iter=5, engine="kernel")
     for k in range(2):
         assert _clip_agrees(cp.asnumpy(g)[k], c[k]) and _clip_agrees(cp.asnumpy(gs)[k], cs[k])
+        assert _clip_agrees(cp.asnumpy(kg)[k], c[k]) and _clip_agrees(cp.asnumpy(kgs)[k], cs[k])
         assert _rel(cp.asnumpy(t_gpu)[k], t_cpu[k]) < 1e-4
+    az = RadialIntegrator(P2M / "CeO2.poni", npt=1000, unit="q_nm^-1", mask=P2M / "mask.edf",
+                          error_model="none")
+    a_cpu = az.integrate_sigma_clip(frames, thres=4, max_iter=5)
+    a_ker = az.integrate_sigma_clip(cp.asarray(frames), thres=4, max_iter=5, engine="kernel")
+    for k in range(2):
+        assert _clip_agrees(cp.asnumpy(a_ker[0])[k], a_cpu[0][k])
+        assert _clip_agrees(cp.asnumpy(a_ker[1])[k], a_cpu[1][k])
 
 
 @pytest.mark.parametrize("shape, dtype", [((5, 64, 48), np.uint32), ((3, 1000, 700), np.uint16),
