@@ -340,6 +340,9 @@ def bench_gpu(integ, frames, sino, angles, rows, gpu_frames=256):
             ("sigma clip kernel", lambda f: integ.integrate_sigma_clip(f, thres=4.0, max_iter=5,
                                                                         engine="kernel"),
              lambda f: integ.reference_sigma_clip(f, thres=4.0, max_iter=5)),
+            ("trimmed mean kernel", lambda f: integ.integrate_trimmed_mean(f, quantiles=(0.0, 0.9),
+                                                                          engine="kernel"),
+             lambda f: integ.reference_trimmed_mean(f, quantiles=(0.0, 0.9))),
             ("trimmed mean 0-90 %", lambda f: integ.integrate_trimmed_mean(f, quantiles=(0.0, 0.9)),
              lambda f: integ.reference_trimmed_mean(f, quantiles=(0.0, 0.9)))):
         try:

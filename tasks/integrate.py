@@ -819,8 +819,10 @@ class RadialIntegrator:
         monitor : array, shape (n,), optional
         quantiles : (float, float)
             ``0 <= lo < hi <= 1``; (0, 0.9) drops the brightest 10 % of each ring.
-        engine : {"auto", "array"}
-            As for :meth:`integrate_sigma_clip`.
+        engine : {"auto", "array", "kernel"}
+            As for :meth:`integrate_sigma_clip`; ``"kernel"`` (cupy frames) is
+            :func:`tasks.cuda_kernels.trimmed_mean_csr` (a sort in shared memory per bin and
+            frame), opt-in until the GPU tests have run it on a device.
 
         Returns
         -------
@@ -831,11 +833,24 @@ class RadialIntegrator:
         lo, hi = float(quantiles[0]), float(quantiles[1])
         if not 0 <= lo < hi <= 1:
             raise IntegrationError(f"quantiles {quantiles}: expected 0 <= lo < hi <= 1")
-        if engine not in ("auto", "array"):
-            raise IntegrationError(f"engine {engine!r}: expected 'auto' or 'array'")
+        if engine not in ("auto", "array", "kernel"):
+            raise IntegrationError(f"engine {engine!r}: expected 'auto', 'array' or 'kernel'")
+        if engine == "kernel" and xp is np:
+            raise IntegrationError("engine 'kernel': the trimmed-mean kernel runs on cupy frames only")
         if xp is not np or engine == "array":
             mon = self._monitor(monitor, f.shape[0], xp)
-            i, sg = self._trimmed_mean_array(xp, f, lo, hi)
+            if engine == "kernel":
+                from tasks.cuda_kernels import trimmed_mean_csr  # noqa: PLC0415
+
+                pix, _b, indptr, om, dark = self._segments(xp)
+                dummy, delta = self.dummies(f.dtype)
+                i, sg = trimmed_mean_csr(f, indptr, pix, om, dark,
+                                         max_count=int(self._csr("no").counts.max(initial=1)),
+                                         dummy=dummy, delta=delta,
+                                         poisson=self.error_model == "poisson",
+                                         quantiles=(lo, hi))
+            else:
+                i, sg = self._trimmed_mean_array(xp, f, lo, hi)
             if mon is not None:
                 i, sg = i / mon[:, None], sg / mon[:, None]
             return i.astype(xp.float32), sg.astype(xp.float32)

@@ -270,3 +270,12 @@ def test_clipping_kernel_capacity_and_cpu_refusal(sim):
     integ = integrator_from_spec(_spec(sim), shape=(213, 206))
     with pytest.raises(IntegrationError, match="engine 'kernel'"):
         integ.integrate_sigma_clip(np.zeros((1, 213, 206), np.uint32), engine="kernel")
+    with pytest.raises(IntegrationError, match="engine 'kernel'"):
+        integ.integrate_trimmed_mean(np.zeros((1, 213, 206), np.uint32), engine="kernel")
+    # the trimmed-mean kernel sorts a power of two >= the largest bin, within shared memory
+    from tasks.cuda_kernels import TRIM_THREADS, trim_sort_size
+
+    assert [trim_sort_size(c) for c in (1, TRIM_THREADS + 1, 4700, 8192)] == \
+        [TRIM_THREADS, 2 * TRIM_THREADS, 8192, 8192]
+    with pytest.raises(ValueError, match="sorts at most 8192"):
+        trim_sort_size(8193)

@@ -403,9 +403,13 @@ def test_gpu_clipping_filters_match_cpu(ri_q, frame2m, hot_frame):
     g, gs = ri_q.integrate_sigma_clip(cp.asarray(frames), thres=4, max_iter=5)
     t_cpu, _ = ri_q.integrate_trimmed_mean(frames, quantiles=(0.0, 0.9))
     t_gpu, _ = ri_q.integrate_trimmed_mean(cp.asarray(frames), quantiles=(0.0, 0.9))
-    # the one-kernel sigma clip (opt-in engine) on the same frames, both error models
+    # the one-kernel sigma clip and trimmed mean (opt-in engines) on the same frames
     kg, kgs = ri_q.integrate_sigma_clip(cp.asarray(frames), thres=4, max_iter=5, engine="kernel")
+    kt, kts = ri_q.integrate_trimmed_mean(cp.asarray(frames), quantiles=(0.0, 0.9), engine="kernel")
+    t_cpu_s = ri_q.integrate_trimmed_mean(frames, quantiles=(0.0, 0.9))[1]
     for k in range(2):
+        assert _rel(cp.asnumpy(kt)[k], t_cpu[k]) < 1e-4
+        assert _rel(cp.asnumpy(kts)[k], t_cpu_s[k]) < 1e-4
         assert _clip_agrees(cp.asnumpy(g)[k], c[k]) and _clip_agrees(cp.asnumpy(gs)[k], cs[k])
         assert _clip_agrees(cp.asnumpy(kg)[k], c[k]) and _clip_agrees(cp.asnumpy(kgs)[k], cs[k])
         assert _rel(cp.asnumpy(t_gpu)[k], t_cpu[k]) < 1e-4
