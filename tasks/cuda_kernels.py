@@ -145,11 +145,7 @@ def available() -> tuple[bool, str]:
 
 
 def _kernel():
-    if "bp" not in _KERNELS:
-        import cupy as cp  # noqa: PLC0415
-
-        _KERNELS["bp"] = cp.RawKernel(_SOURCE, "bp_joseph_tiled", options=("-std=c++14",))
-    return _KERNELS["bp"]
+    return _raw_kernel("bp", "%s", _SOURCE, "bp_joseph_tiled")
 
 
 def tiles_for(mask):
@@ -308,6 +304,16 @@ def backproject_tiled_reference(f, angles_rad, center: float, mask):
 # --------------------------------------------------------------------------------------
 
 _NULL = np.uint64(0)      # a NULL pointer argument
+# shared by the per-bin kernels: whether a raw detector value is a pixel to use (pyFAI's
+# dynamic mask: the detector's dummy value within its tolerance, non-finite floats)
+_VALID_PIXEL = r"""
+__device__ __forceinline__ bool valid_pixel(float raw, int is_float, int use_dummy,
+                                            float dummy, float delta) {
+    if (is_float && !isfinite(raw)) return false;
+    if (use_dummy && (delta == 0.0f ? raw == dummy : fabsf(raw - dummy) <= delta)) return false;
+    return true;
+}
+"""
 FRAMES_PER_BLOCK = 4      # frames per block (CSR entries read once per group); H200 sweep: 4 > 8 > 16
 INTEGRATE_THREADS = 256
 
@@ -315,6 +321,7 @@ _INTEGRATE_SOURCE = r"""
 #define NF %(NF)d
 #define NT %(NT)d
 typedef %(T)s pix_t;
+%(VALID)s
 extern "C" __global__ void integrate_csr(
     const pix_t* __restrict__ frames,     // (n, npix), detector dtype, frame-major
     long long npix, int n,
@@ -345,10 +352,7 @@ extern "C" __global__ void integrate_csr(
         for (int k = 0; k < NF; ++k) {
             if (k < nf) {
                 const float x = (float)frames[(long long)(f0 + k) * npix + p];
-                bool bad = false;
-                if (is_float) bad = !isfinite(x);
-                if (use_dummy) bad = bad || (delta == 0.0f ? x == dummy : fabsf(x - dummy) <= delta);
-                if (bad) {
+                if (!valid_pixel(x, is_float, use_dummy, dummy, delta)) {
                     lost[k] += (double)c * (double)omega[p];
                 } else {
                     s[k] += (double)c * (double)(x - d);
@@ -390,17 +394,42 @@ _CTYPES = {"uint8": "unsigned char", "int8": "signed char", "uint16": "unsigned 
            "float64": "double", "int64": "long long", "uint64": "unsigned long long"}
 
 
-def _integrate_kernel(dtype, nf=FRAMES_PER_BLOCK, nt=INTEGRATE_THREADS):
-    key = ("integrate", np.dtype(dtype).name, nf, nt)
+def _raw_kernel(key, template, fmt, name):
+    """The CuPy ``RawKernel`` ``name`` of ``template % fmt``, compiled once per ``key``."""
     if key not in _KERNELS:
         import cupy as cp  # noqa: PLC0415
 
-        name = np.dtype(dtype).name
-        if name not in _CTYPES:
-            raise ValueError(f"frames: dtype {name} has no integration kernel")
-        src = _INTEGRATE_SOURCE % {"NF": nf, "NT": nt, "T": _CTYPES[name]}
-        _KERNELS[key] = cp.RawKernel(src, "integrate_csr", options=("-std=c++14",))
+        _KERNELS[key] = cp.RawKernel(template % fmt, name, options=("-std=c++14",))
     return _KERNELS[key]
+
+
+def _ctype(dtype, what: str) -> str:
+    """The C type of a frame dtype; ValueError for one no kernel reads."""
+    name = np.dtype(dtype).name
+    if name not in _CTYPES:
+        raise ValueError(f"frames: dtype {name} has no {what} kernel")
+    return _CTYPES[name]
+
+
+def _flat_frames(frames, indptr):
+    """``(frames as (n, npix) C-contiguous, n, npix, nbins)`` for the per-bin kernels."""
+    import cupy as cp  # noqa: PLC0415
+
+    n = int(frames.shape[0])
+    npix = int(np.prod(frames.shape[1:]))
+    return cp.ascontiguousarray(frames).reshape(n, npix), n, npix, int(indptr.shape[0]) - 1
+
+
+def _validity_args(fr, dummy, delta):
+    """Kernel arguments of the invalid-pixel test: use_dummy, dummy, delta, is_float."""
+    return (np.int32(dummy is not None), np.float32(dummy if dummy is not None else 0.0),
+            np.float32(delta or 0.0), np.int32(np.issubdtype(fr.dtype, np.floating)))
+
+
+def _integrate_kernel(dtype, nf=FRAMES_PER_BLOCK, nt=INTEGRATE_THREADS):
+    return _raw_kernel(("integrate", np.dtype(dtype).name, nf, nt), _INTEGRATE_SOURCE,
+                       {"NF": nf, "NT": nt, "T": _ctype(dtype, "integration"),
+                        "VALID": _VALID_PIXEL}, "integrate_csr")
 
 
 def integrate_csr(frames, indptr, indices, coef, omega, norm, *, monitor=None, dark=None,
@@ -451,21 +480,16 @@ def integrate_csr(frames, indptr, indices, coef, omega, norm, *, monitor=None, d
         import cupy as cp  # noqa: PLC0415
     except ImportError as err:
         raise CudaKernelError(f"cupy is not installed: {err}") from err
-    n = int(frames.shape[0])
-    npix = int(np.prod(frames.shape[1:]))
-    nbins = int(indptr.shape[0]) - 1
+    fr, n, npix, nbins = _flat_frames(frames, indptr)
     if omega.shape[0] != npix:
         raise ValueError(f"omega: {omega.shape[0]} pixels, frames have {npix}")
-    fr = cp.ascontiguousarray(frames).reshape(n, npix)
-    is_float = np.issubdtype(fr.dtype, np.floating)
     out_i = cp.empty((n, nbins), cp.float32)
     out_s = cp.empty((n, nbins), cp.float32) if poisson else None
     args = (fr, np.int64(npix), np.int32(n), indptr, indices, coef, omega,
             dark if dark is not None else _NULL, norm,
-            monitor if monitor is not None else _NULL,
-            np.int32(dummy is not None), np.float32(dummy if dummy is not None else 0.0),
-            np.float32(delta or 0.0), np.int32(is_float), np.int32(bool(poisson)),
-            np.int32(nbins), out_i, out_s if out_s is not None else _NULL)
+            monitor if monitor is not None else _NULL, *_validity_args(fr, dummy, delta),
+            np.int32(bool(poisson)), np.int32(nbins), out_i,
+            out_s if out_s is not None else _NULL)
     nf, nt = int(frames_per_block), int(threads)
     if nf < 1 or nt < 32 or nt % 32:
         raise ValueError(f"frames_per_block={nf}, threads={nt}: expected >= 1 and a multiple of 32")
@@ -485,6 +509,7 @@ _CLIP_SOURCE = r"""
 #define NT %(NT)d
 #define K %(K)d
 typedef %(T)s pix_t;
+%(VALID)s
 
 // block-wide sum of NV doubles; every thread gets the totals in tot[]
 template <int NV>
@@ -531,10 +556,7 @@ extern "C" __global__ void sigma_clip_csr(
         sig[k] = 0.0f; var[k] = 0.0f; x[k] = 0.0f;
         if (j < stop) {
             const float raw = (float)fr[pix[j]];
-            bool ok = true;
-            if (is_float && !isfinite(raw)) ok = false;
-            if (use_dummy && (delta == 0.0f ? raw == dummy : fabsf(raw - dummy) <= delta)) ok = false;
-            if (ok) {
+            if (valid_pixel(raw, is_float, use_dummy, dummy, delta)) {
                 const float s = dark ? raw - dark[j] : raw;
                 sig[k] = s;
                 var[k] = fmaxf(raw, 1.0f);
@@ -642,28 +664,20 @@ def sigma_clip_csr(frames, indptr, pix, om, dark, *, max_count, dummy=None, delt
     """
     import cupy as cp  # noqa: PLC0415
 
-    n = int(frames.shape[0])
-    npix = int(np.prod(frames.shape[1:]))
-    nbins = int(indptr.shape[0]) - 1
-    fr = cp.ascontiguousarray(frames).reshape(n, npix)
+    fr, n, npix, nbins = _flat_frames(frames, indptr)
     k = clip_entries_per_thread(max_count)
-    name = np.dtype(fr.dtype).name
-    key = ("clip", name, k)
-    if key not in _KERNELS:
-        if name not in _CTYPES:
-            raise ValueError(f"frames: dtype {name} has no clipping kernel")
-        src = _CLIP_SOURCE % {"NT": CLIP_THREADS, "K": k, "T": _CTYPES[name]}
-        _KERNELS[key] = cp.RawKernel(src, "sigma_clip_csr", options=("-std=c++14",))
+    kern = _raw_kernel(("clip", fr.dtype.name, k), _CLIP_SOURCE,
+                       {"NT": CLIP_THREADS, "K": k, "T": _ctype(fr.dtype, "clipping"),
+                        "VALID": _VALID_PIXEL},
+                       "sigma_clip_csr")
     mean = cp.zeros((n, nbins), cp.float64)
     sem = cp.zeros((n, nbins), cp.float64)
-    is_float = np.issubdtype(fr.dtype, np.floating)
     args = (fr, np.int64(npix), np.int32(n), indptr, pix, om,
-            dark if dark is not None else _NULL,
-            np.int32(dummy is not None), np.float32(dummy if dummy is not None else 0.0),
-            np.float32(delta or 0.0), np.int32(is_float), np.int32(bool(poisson)),
-            np.float64(thres), np.int32(max_iter), np.int32(nbins), mean, sem)
+            dark if dark is not None else _NULL, *_validity_args(fr, dummy, delta),
+            np.int32(bool(poisson)), np.float64(thres), np.int32(max_iter), np.int32(nbins),
+            mean, sem)
     if n and nbins:
-        _KERNELS[key]((nbins, n), (CLIP_THREADS,), args)
+        kern((nbins, n), (CLIP_THREADS,), args)
     return mean, sem
 
 
@@ -676,6 +690,7 @@ TRIM_THREADS = 512
 _TRIM_SOURCE = r"""
 #define NT %(NT)d
 typedef %(T)s pix_t;
+%(VALID)s
 extern "C" __global__ void trimmed_mean_csr(
     const pix_t* __restrict__ frames, long long npix, int n,
     const long long* __restrict__ indptr, const long long* __restrict__ pix,
@@ -699,10 +714,7 @@ extern "C" __global__ void trimmed_mean_csr(
         if (i < count) {
             const long long j = start + i;
             const float raw = (float)fr[pix[j]];
-            bool ok = true;
-            if (is_float && !isfinite(raw)) ok = false;
-            if (use_dummy && (delta == 0.0f ? raw == dummy : fabsf(raw - dummy) <= delta)) ok = false;
-            if (ok) {
+            if (valid_pixel(raw, is_float, use_dummy, dummy, delta)) {
                 const float s = dark ? raw - dark[j] : raw;
                 k = (double)s / om[j];
                 e = i;
@@ -833,30 +845,21 @@ def trimmed_mean_csr(frames, indptr, pix, om, dark, *, max_count, dummy=None, de
     """
     import cupy as cp  # noqa: PLC0415
 
-    n = int(frames.shape[0])
-    npix = int(np.prod(frames.shape[1:]))
-    nbins = int(indptr.shape[0]) - 1
-    fr = cp.ascontiguousarray(frames).reshape(n, npix)
+    fr, n, npix, nbins = _flat_frames(frames, indptr)
     N = trim_sort_size(max_count)
-    name = np.dtype(fr.dtype).name
-    key = ("trim", name)
-    if key not in _KERNELS:
-        if name not in _CTYPES:
-            raise ValueError(f"frames: dtype {name} has no trimmed-mean kernel")
-        src = _TRIM_SOURCE % {"NT": TRIM_THREADS, "T": _CTYPES[name]}
-        _KERNELS[key] = cp.RawKernel(src, "trimmed_mean_csr", options=("-std=c++14",))
-    kern = _KERNELS[key]
+    kern = _raw_kernel(("trim", fr.dtype.name), _TRIM_SOURCE,
+                       {"NT": TRIM_THREADS, "T": _ctype(fr.dtype, "trimmed-mean"),
+                        "VALID": _VALID_PIXEL},
+                       "trimmed_mean_csr")
     shared = N * (8 + 4)
     kern.max_dynamic_shared_size_bytes = max(shared, 48 * 1024)
     mean = cp.zeros((n, nbins), cp.float64)
     sem = cp.zeros((n, nbins), cp.float64)
-    is_float = np.issubdtype(fr.dtype, np.floating)
     lo, hi = (float(q) for q in quantiles)
     args = (fr, np.int64(npix), np.int32(n), indptr, pix, om,
-            dark if dark is not None else _NULL,
-            np.int32(dummy is not None), np.float32(dummy if dummy is not None else 0.0),
-            np.float32(delta or 0.0), np.int32(is_float), np.int32(bool(poisson)),
-            np.float64(lo), np.float64(hi), np.int32(N), np.int32(nbins), mean, sem)
+            dark if dark is not None else _NULL, *_validity_args(fr, dummy, delta),
+            np.int32(bool(poisson)), np.float64(lo), np.float64(hi), np.int32(N),
+            np.int32(nbins), mean, sem)
     if n and nbins:
         kern((nbins, n), (TRIM_THREADS,), args, shared_mem=shared)
     return mean, sem

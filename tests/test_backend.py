@@ -279,3 +279,35 @@ def test_clipping_kernel_capacity_and_cpu_refusal(sim):
         [TRIM_THREADS, 2 * TRIM_THREADS, 8192, 8192]
     with pytest.raises(ValueError, match="sorts at most 8192"):
         trim_sort_size(8193)
+
+
+def test_every_cuda_kernel_compiles():
+    """Every CUDA kernel of tasks/cuda_kernels.py compiles with NVRTC (no GPU needed), for
+    every frame dtype and every launch variant the code can ask for: a syntax or type error
+    fails here on the CPU, not in the next GPU session."""
+    import nvrtc
+
+    if not nvrtc.available():
+        pytest.skip("NVRTC is not installed (the dev extra's nvidia-cuda-nvrtc-cu12)")
+    from tasks import cuda_kernels as ck
+
+    sources = {"bp_joseph_tiled": ck._SOURCE}
+    for ct in sorted(set(ck._CTYPES.values())):
+        base = {"T": ct, "VALID": ck._VALID_PIXEL}
+        sources[f"integrate {ct}"] = ck._INTEGRATE_SOURCE % {**base, "NF": ck.FRAMES_PER_BLOCK,
+                                                             "NT": ck.INTEGRATE_THREADS}
+        sources[f"trim {ct}"] = ck._TRIM_SOURCE % {**base, "NT": ck.TRIM_THREADS}
+        for k in (1, 64):
+            sources[f"clip {ct} K={k}"] = ck._CLIP_SOURCE % {**base, "NT": ck.CLIP_THREADS, "K": k}
+    for nf, nt in ((1, 32), (16, 512)):
+        sources[f"integrate nf={nf} nt={nt}"] = ck._INTEGRATE_SOURCE % {
+            "T": "unsigned int", "VALID": ck._VALID_PIXEL, "NF": nf, "NT": nt}
+    failed = {}
+    for name, src in sources.items():
+        rc, log = nvrtc.compile_log(src, name.replace(" ", "_") + ".cu")
+        if rc != 0:
+            failed[name] = log[-1500:]
+    assert not failed, failed
+    # and a broken source does fail (the check can fail)
+    rc, log = nvrtc.compile_log('extern "C" __global__ void k(float* a) { a[0] = b; }')
+    assert rc != 0 and "identifier" in log
