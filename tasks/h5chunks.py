@@ -236,7 +236,7 @@ def decode_bitshuffle_lz4(buf: bytes, shape: tuple, dtype) -> np.ndarray:
 
 
 def read_frames_direct(dset, plan: ChunkPlan, scan_shape: tuple, idx: np.ndarray,
-                       ky=slice(None), kx=slice(None)) -> np.ndarray:
+                       ky=slice(None), kx=slice(None), out: np.ndarray | None = None) -> np.ndarray:
     """Frames ``idx`` of a bitshuffle-LZ4 frame dataset, decoded in parallel.
 
     Parameters
@@ -250,11 +250,14 @@ def read_frames_direct(dset, plan: ChunkPlan, scan_shape: tuple, idx: np.ndarray
         Flat (C-order) frame indices.
     ky, kx : slice
         Rows and columns of each frame to return.
+    out : numpy.ndarray, shape (n, h, w), the dataset's dtype, C-contiguous, optional
+        Decoded into in place (e.g. a pinned staging buffer of the GPU path: no fresh
+        allocation, no second copy); allocated when None.
 
     Returns
     -------
     numpy.ndarray, shape (n, h, w), the dataset's dtype
-        Bit-identical to ``dset[...]`` read through the HDF5 filter.
+        Bit-identical to ``dset[...]`` read through the HDF5 filter (``out`` when given).
 
     Raises
     ------
@@ -266,7 +269,12 @@ def read_frames_direct(dset, plan: ChunkPlan, scan_shape: tuple, idx: np.ndarray
     idx = np.asarray(idx, dtype=np.int64).ravel()
     frame_shape = tuple(dset.shape[-2:])
     out_hw = np.empty(frame_shape, dtype=np.bool_)[ky, kx].shape
-    out = np.empty((idx.size,) + out_hw, dtype=dset.dtype)
+    if out is None:
+        out = np.empty((idx.size,) + out_hw, dtype=dset.dtype)
+    elif (tuple(out.shape) != (idx.size,) + out_hw or out.dtype != dset.dtype
+          or not out.flags.c_contiguous):
+        raise ValueError(f"out: expected a C-contiguous {(idx.size,) + out_hw} {dset.dtype} "
+                         f"array, got {tuple(out.shape)} {out.dtype}")
     if idx.size == 0:
         return out
     lead_chunks = plan.chunks[:-2]

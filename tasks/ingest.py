@@ -348,6 +348,36 @@ class _H5FrameReader:
                 + f" (input.frames; corrupt or truncated file?): {err}") from None
         return out[0] if scalar else out
 
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Frames ``start:stop`` decoded straight into ``out`` (C-contiguous, shape
+        ``(stop - start, H, W)``, the dataset's dtype), e.g. a pinned GPU staging buffer:
+        bitshuffle-LZ4 chunks decode into it on several threads; other datasets are read
+        by h5py into it directly (``Dataset.read_direct``) when the frames are one run.
+
+        Raises
+        ------
+        IngestError
+            As ``__getitem__``.
+        """
+        if self.direct is not None:
+            try:
+                with h5py.File(self.path, "r") as h5:
+                    from tasks.h5chunks import read_frames_direct  # noqa: PLC0415
+
+                    return read_frames_direct(h5[self.dataset], self.direct, self.scan_shape,
+                                              np.arange(start, stop), out=out)
+            except (OSError, ValueError):
+                pass  # the reading below names the frame that cannot be read
+        elif len(self.scan_shape) == 1 and stop > start:
+            try:
+                with h5py.File(self.path, "r") as h5:
+                    h5[self.dataset].read_direct(out, np.s_[start:stop])
+                return out
+            except (OSError, ValueError, TypeError):
+                pass
+        out[...] = self[start:stop]
+        return out
+
     def _first_unreadable(self, idx) -> int | None:
         """After a failed read: the first frame of ``idx`` that cannot be read on its own."""
         for i in idx:

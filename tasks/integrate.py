@@ -1393,21 +1393,22 @@ def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, pr
     """Integration of a whole scan on the GPU (the spec's method), streamed through pinned
     host buffers.
 
-    Pipeline (two pinned host buffers, two device buffers, a copy stream and a compute
-    stream)::
+    Pipeline (:data:`STAGING_BUFFERS` = 3 pinned host buffers and device buffers, a copy
+    stream and a compute stream; no device-wide synchronisation)::
 
-        reader thread : read batch k+2 (disk, decode)         -- numpy, detector dtype
-        host          : batch k+1 -> pinned[(k+1)%2]          -- memcpy, detector dtype
-        copy stream   : pinned[(k+1)%2] -> device[(k+1)%2]    -- async H2D, overlaps...
-        compute stream: check + integrate device[k%2]         -- ...this (cuSPARSE)
-        host          : results of k -> emit                  -- D2H of (n, npt) only
+        compute stream: integrate device[k%3], results -> pinned (async)   -- queued first
+        host          : batch k+1 -> pinned[(k+1)%3]: decoded straight into it by the
+                        reader (HDF5, several threads) or copied by several threads
+        copy stream   : pinned[(k+1)%3] -> device[(k+1)%3] (async H2D, after the kernels
+                        that read that device buffer)
+        host          : wait for batch k's results, emit               -- (n, npt) only
+        reader thread : reads batch k+2 ahead when the source cannot decode into a buffer
 
-    Frames cross PCIe in their detector integer type (4 bytes/pixel for uint32, not 4 for a
-    float32 copy made on the host first); the float conversion happens on the device. The
-    batch is the number of frames that fit in half the free device memory
-    (:func:`tasks._xp.batch_from_free_memory` with :meth:`RadialIntegrator.gpu_bytes`,
-    two device buffers counted), capped so that the two pinned buffers stay within
-    ``max_batch_bytes``.
+    Frames cross PCIe in their detector integer type and are read in place by the fused
+    kernel (:func:`tasks.cuda_kernels.integrate_csr`). The batch is the number of frames that
+    fit in half the free device memory (:func:`tasks._xp.batch_from_free_memory` with
+    :meth:`RadialIntegrator.gpu_bytes`, the device buffers counted), capped so that the
+    pinned buffers stay within ``max_batch_bytes``.
 
     Parameters
     ----------
@@ -1461,17 +1462,25 @@ def _integrate_scan_gpu(integ: RadialIntegrator, scan, ispec, src: str, emit, pr
     computed: list = [None] * nbuf    # kernels reading dev[j] done
     copier = ThreadPoolExecutor(copy_threads())
 
+    # a reader that decodes into a given array (HDF5 frames) fills the pinned buffer itself:
+    # no fresh host array per batch (page faults) and no second copy
+    direct = callable(getattr(source, "read_into", None))
+
     def load(r):
         s, e = r
-        return s, e, _read_block(source, s, e)
+        return s, e, (r if direct else _read_block(source, s, e))
 
     def stage(k, block):
-        """Host block -> pinned[k % nbuf] (several threads) -> device (async, copy stream)."""
+        """Host block -> pinned[k % nbuf] (several threads) -> device (async, copy stream);
+        ``block`` is the frame range itself when the reader decodes into the buffer."""
         j = k % nbuf
-        m = block.shape[0]
+        m = (block[1] - block[0]) if direct else block.shape[0]
         if copied[j] is not None:
             copied[j].synchronize()  # pinned[j] no longer read by an earlier copy
-        parallel_copy(pinned[j][:m], block, copier)
+        if direct:
+            source.read_into(block[0], block[1], pinned[j][:m])
+        else:
+            parallel_copy(pinned[j][:m], block, copier)
         if computed[j] is not None:
             copy_stream.wait_event(computed[j])  # dev[j] no longer read by the kernels
         dev[j][:m].set(pinned[j][:m], stream=copy_stream)

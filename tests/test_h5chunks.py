@@ -248,3 +248,30 @@ def test_ctypes_decoder_and_python_fallback_agree(tmp_path, frames, monkeypatch)
         assert h5chunks._c_decoder() is None
         got = h5chunks.read_frames_direct(d, plan, (12,), np.arange(12))
     assert np.array_equal(got, frames)
+
+
+def test_read_into_a_staging_buffer(tmp_path):
+    """The GPU path's reader fills a given (pinned) buffer in place: bitshuffle-LZ4 frames
+    decoded straight into it and plain h5py datasets read into it both equal the frames
+    read the ordinary way, a partial last batch leaves the rest of the buffer untouched,
+    and a buffer of the wrong shape or dtype is refused by name."""
+    from tasks.simulate import SimConfig, simulate_scan
+
+    sim = simulate_scan(tmp_path / "scan", SimConfig(n_translations=12, n_angles=4, npt_sim=500,
+                                                     cor_offset_px=0.0))
+    with h5py.File(sim.nexus_path) as h:
+        want = h["entry/instrument/detector/data"][()].reshape((-1,) + h["entry/instrument/detector/data"].shape[-2:])
+    for direct in (True, False):
+        reader = open_nexus(sim.nexus_path, direct_chunks=direct).reader
+        assert (reader.direct is not None) == direct
+        buf = np.full((8,) + want.shape[1:], 7, want.dtype)
+        got = reader.read_into(5, 10, buf[:5])
+        assert got.base is buf or got is buf[:5] or np.shares_memory(got, buf)
+        np.testing.assert_array_equal(buf[:5], want[5:10])
+        assert np.all(buf[5:] == 7)
+    plan = h5chunks.direct_plan
+    with h5py.File(sim.nexus_path) as h:
+        d = h["entry/instrument/detector/data"]
+        with pytest.raises(ValueError, match="out: expected"):
+            h5chunks.read_frames_direct(d, plan(d), d.shape[:-2], np.arange(3),
+                                        out=np.empty((3,) + want.shape[1:], np.float32))
