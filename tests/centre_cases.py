@@ -39,7 +39,7 @@ class CentreCase:
     air: float = 0.0
     endpoint: bool = False
     sample: float = 0.9
-    n_bins: int = 64
+    n_bins: int = 250
     seed: int = 0
 
     @property
