@@ -555,7 +555,9 @@ def _find_center_moment(sino, ang):
     coarse sinogram costs ~0.01 px, leaving hot spots in up to ~0.14 px).
 
     Two despiking levels are tried (a strict one for coarse profiles, where genuine narrow
-    maxima stand out, and a sensitive one for finely sampled profiles).
+    maxima stand out, and a sensitive one for finely sampled profiles). Angles whose first
+    moment lies more than 6 robust sigma off the fitted sinusoid are left out (up to 10 %
+    of them; ``rejected_angles`` in the returned dict).
 
     Returns (centre px, standard uncertainty px, dict with ``hot_spots`` replaced (0 when
     the estimate on the sinogram as given was kept), ``truncated`` (the object seems to
@@ -566,15 +568,30 @@ def _find_center_moment(sino, ang):
     if np.linalg.matrix_rank(X, tol=1e-6 * na) < 3:
         raise SinogramError("angles_deg: the moment method needs at least 3 distinct angles "
                             "(mod 180 deg)")
-    best = _moment_fit(np.asarray(sino, np.float64), X)
-    for floor, rel, smooth in ((0.03, 0.2, False), (0.01, 0.05, True)):   # coarse / fine
-        clean, n_hot = _despike(sino, floor=floor, rel=rel, smooth=smooth)
-        if n_hot == 0:
-            continue
-        fixed = _moment_fit(clean, X)
-        fixed[2]["hot_spots"] = n_hot
-        if fixed[1] < best[1] or not math.isfinite(best[1]):
-            best = fixed
+    sino = np.asarray(sino, np.float64)
+    keep = np.ones(na, bool)
+    for _ in range(3):
+        best = _moment_fit(sino[keep], X[keep])
+        for floor, rel, smooth in ((0.03, 0.2, False), (0.01, 0.05, True)):   # coarse / fine
+            clean, n_hot = _despike(sino[keep], floor=floor, rel=rel, smooth=smooth)
+            if n_hot == 0:
+                continue
+            fixed = _moment_fit(clean, X[keep])
+            fixed[2]["hot_spots"] = n_hot
+            if fixed[1] < best[1] or not math.isfinite(best[1]):
+                best = fixed
+        # a projection whose first moment is far off the sinusoid (displaced, a beam
+        # dump, a gap) is left out and the fit repeated: 6 robust sigma, at most 10 %
+        res = best[2].pop("residuals")
+        idx = np.flatnonzero(keep)
+        scale = 1.4826 * float(np.median(np.abs(res)))
+        out = np.abs(res) > 6.0 * scale if scale > 0 else np.zeros(res.size, bool)
+        if not out.any() or keep.sum() - out.sum() < max(4, int(0.9 * na)):
+            break
+        if np.linalg.matrix_rank(X[idx[~out]], tol=1e-6 * na) < 3:
+            break
+        keep[idx[out]] = False
+    best[2]["rejected_angles"] = np.flatnonzero(~keep).tolist()
     return best
 
 
@@ -625,7 +642,8 @@ def _moment_fit(s, X, *, max_iter=100):
     noise = 1.4826 * float(np.median(np.abs(np.diff(s, axis=1)))) / math.sqrt(2 * na)
     edge = max(float(prof[:ne].mean()), float(prof[n - ne:].mean()))
     truncated = bool(edge - low > 0.2 * (top - low) + 5.0 * noise)
-    return c, sigma, {"hot_spots": n_hot, "truncated": truncated, "iterations": it}
+    return c, sigma, {"hot_spots": n_hot, "truncated": truncated, "iterations": it,
+                      "residuals": res}
 
 
 def _find_center_correlation(sino, ang, search):
@@ -751,7 +769,8 @@ def find_center(sino2d, angles_deg, method="auto", *, search=None, ratio=None, s
         estimate is not valid).
     return_info : bool
         Also return a dict: ``method`` (the one used), ``uncertainty_px``, ``search_px``
-        (final range, or None), ``hot_spots`` (bins replaced by ``moment``), ``truncated``.
+        (final range, or None), ``hot_spots`` (bins replaced by ``moment``), ``truncated``,
+        ``rejected_angles`` (rows the moment fit left out as outliers).
 
     Returns
     -------
@@ -798,7 +817,8 @@ def find_center(sino2d, angles_deg, method="auto", *, search=None, ratio=None, s
                           "of view, so its moments are not consistent; using method='vo'",
                           RuntimeWarning, stacklevel=2)
     info = {"method": used, "search_px": None, "hot_spots": minfo["hot_spots"],
-            "truncated": bool(minfo["truncated"])}
+            "truncated": bool(minfo["truncated"]),
+            "rejected_angles": minfo.get("rejected_angles", [])}
     if used == "moment":
         c, unc = cm, sm
     else:
