@@ -31,9 +31,11 @@ Methods
   (the centre of mass of every projection follows ``c + a cos theta + b sin theta``), so
   the constant term of a least-squares fit of ``1, cos, sin`` over the angles vanishes at
   the true ``c``. Moments are taken over a window symmetric about the trial centre (a
-  constant air-scatter level then adds nothing), the constant term's root is found by a
-  fixed-point iteration, single-bin hot spots are replaced by the median of their
-  translation neighbours first, and the standard error follows from the fit residual.
+  constant air-scatter level then adds nothing) and the constant term's root is found by
+  Newton steps. Single-bin hot spots are replaced from their translation neighbours (the
+  estimate with and without that replacement with the smaller uncertainty is kept),
+  projections whose moment lies far off the sinusoid (a displaced projection) are left
+  out, and the standard error follows from the fit residual.
   It needs no projection pairs 180 degrees apart and no fine angular sampling, so it holds
   on coarse scans (12 angles over 180 degrees) where the Vo metric and the 0/180
   correlation are biased. References: S. Helgason, "The Radon transform" (1980); D.
@@ -596,6 +598,8 @@ def _find_center_moment(sino, ang):
 
 
 def _moment_fit(s, X, *, max_iter=100):
+    """Root of the constant term of the first-moment fit for one sinogram ``s`` (na, n)
+    and design matrix ``X`` (na, 3) = (1, cos, sin); returns (c, sigma, dict)."""
     na, n = s.shape
     xtx_inv = np.linalg.inv(X.T @ X)
     n_hot = 0
@@ -808,7 +812,8 @@ def find_center(sino2d, angles_deg, method="auto", *, search=None, ratio=None, s
     except SinogramError:
         if method == "moment":
             raise
-        cm, sm, minfo, valid = float("nan"), float("nan"), {"hot_spots": 0, "truncated": True}, False
+        cm, sm, valid = float("nan"), float("nan"), False
+        minfo = {"hot_spots": 0, "truncated": True}
     used = method
     if method == "auto":
         used = "moment" if valid else "vo"

@@ -122,7 +122,8 @@ def test_auto_falls_back_to_vo_for_a_truncated_object():
     with pytest.warns(RuntimeWarning, match="edge of the field"):
         c, info = find_center(s, ang, return_info=True)
     cm = find_center(s, ang, method="moment")
-    print(f"truncated: vo error {c - (case.center - 8):+.3f} px, moment {cm - (case.center - 8):+.3f}")
+    print(f"truncated: vo error {c - (case.center - 8):+.3f} px, "
+          f"moment {cm - (case.center - 8):+.3f}")
     assert info["method"] == "vo" and info["truncated"]
     assert abs(c - (case.center - 8)) < 0.1
 
