@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import importlib.util
 import io
-import math
 import sys
 import time
 import warnings
@@ -83,7 +82,8 @@ def ndtomo_centre(mod, sino, case):
     crsr = n / 4.0 + 2.0
     # sinocentering prints its COR; read it back (it returns only the centred sinogram)
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mod.sinocentering(np.ascontiguousarray(sino.T), crsr=crsr, interp=True,
                           scan=int(case.span), pbar=True)
@@ -120,7 +120,8 @@ def main(argv=None):
                     errs = {"xrdct": [], "vo": [], "corr": [], "nd": []}
                     uncs = []
                     for seed in range(args.seeds):
-                        case = CentreCase(nt, na, span, frac * nt, endpoint=ep,
+                        # + 0.037 px: off the 0.1 px grid that nDTomo searches
+                        case = CentreCase(nt, na, span, frac * nt + 0.037, endpoint=ep,
                                           seed=1000 * seed + nt + na, **kw)
                         s, ang = make_sinogram(case)
                         t = time.perf_counter()
@@ -137,7 +138,7 @@ def main(argv=None):
                             t = time.perf_counter()
                             errs["nd"].append(abs(ndtomo_centre(nd, s, case) - case.center))
                             t_nd += time.perf_counter() - t
-                    name = (f"{nt}x{na} {span}{' +end' if ep else ''} off{frac * nt:+.1f} "
+                    name = (f"{nt}x{na} {span}{' +end' if ep else ''} off{frac * nt + 0.037:+.3f} "
                             f"{label}")
                     rows.append((name, max(errs["xrdct"]), float(np.median(uncs)),
                                  max(errs["vo"]), max(errs["corr"]),

@@ -770,7 +770,8 @@ def find_center(sino2d, angles_deg, method="auto", *, search=None, ratio=None, s
         hot spots and sampling error; measured to be calibrated, rms of error / uncertainty
         0.6-1.6 over the test matrix). ``vo`` and ``correlation``: the difference from the
         moment estimate combined with the moment's uncertainty (NaN when the moment
-        estimate is not valid).
+        estimate is not valid); a ``RuntimeWarning`` says when that difference exceeds
+        ``max(1 px, 5 sigma)``.
     return_info : bool
         Also return a dict: ``method`` (the one used), ``uncertainty_px``, ``search_px``
         (final range, or None), ``hot_spots`` (bins replaced by ``moment``), ``truncated``,
@@ -854,6 +855,11 @@ def find_center(sino2d, angles_deg, method="auto", *, search=None, ratio=None, s
             lo, hi = nlo, nhi
         info["search_px"] = (lo, hi)
         unc = math.hypot(c - cm, sm) if valid else float("nan")
+        if valid and abs(c - cm) > max(1.0, 5.0 * sm):
+            warnings.warn(f"find_center ({used}): {c:.4g} px is {c - cm:+.3g} px from the "
+                          f"moment estimate ({cm:.4g} +- {sm:.2g} px); the {used} metric is "
+                          "unreliable for this scan (too few angles or too much noise?)",
+                          RuntimeWarning, stacklevel=2)
     info["uncertainty_px"] = float(unc)
     out = [float(c)]
     if return_uncertainty:
