@@ -453,6 +453,7 @@ def stage_sinogram(req: Request) -> dict:
         sino, info = process_sinogram(np.asarray(pat.isel(z=iz).values, np.float32), angles, spec.sinogram)
         kept += sino.nbytes
         found.append((sino if kept <= keep_bytes else None, info))
+    first = [info for _, info in found]
     m = max(info["width_out"] for _, info in found)
     m += (m - n) % 2
     step = abs(float(np.median(np.diff(trans)))) if n > 1 else 1.0
@@ -466,7 +467,7 @@ def stage_sinogram(req: Request) -> dict:
                                   {"units": t_unit, "long_name": "translation relative to the "
                                    "rotation axis, ascending"})}),
         level=spec.output.compressor_level)
-    centers, shifts = [], []
+    centers, shifts, uncs, methods = [], [], [], []
     for iz in range(nz):
         sino, info = found[iz]
         if sino is None or info["width_out"] != m:  # (re)computed at the common width
@@ -476,6 +477,9 @@ def stage_sinogram(req: Request) -> dict:
         store.write_slice(req.work, "sinogram", iz, sino.astype(np.float32))
         centers.append(float(n - 1 - info["center_px"]) if reverse else float(info["center_px"]))
         shifts.append(float(info["shift_px"]))
+        # pass 2 may recompute with the found centre ("given"): keep pass 1's finding
+        uncs.append(float(first[iz]["center_uncertainty_px"]))
+        methods.append(str(first[iz]["center_method"]))
         progress.report("sinogram", iz + 1, nz)
     new = xr.Dataset(
         {"center_of_rotation": (("z",), np.asarray(centers),
@@ -483,13 +487,18 @@ def stage_sinogram(req: Request) -> dict:
                                  "coordinates of the measured sinogram (0 = first column)"}),
          "center_shift": (("z",), np.asarray(shifts), {"units": "px", "long_name": (
              "shift of the measured sinogram's columns to centre the axis" + (
-                 " (after reversing them to ascending translation)" if reverse else ""))})})
+                 " (after reversing them to ascending translation)" if reverse else ""))}),
+         "center_of_rotation_uncertainty": (("z",), np.asarray(uncs), {
+             "units": "px", "long_name": "standard uncertainty of the centre of rotation "
+             "(NaN for a given centre)", "center_method": ", ".join(sorted(set(methods)))})})
     store.write_variables(req.work, new, level=spec.output.compressor_level)
     dt = time.perf_counter() - t0
     store.update_attrs(req.work, {"timings_s": {**_timings(req.work), "sinogram": dt},
                                   "translation_step_mm": step, "translation_unit": t_unit,
                                   "translation_reversed": bool(reverse)})
-    return {"seconds": dt, "center_px": centers}
+    return {"seconds": dt, "center_px": centers,
+            "center_uncertainty_px": [u if np.isfinite(u) else None for u in uncs],
+            "center_method": methods}
 
 
 class ChunkLedger:
@@ -1062,7 +1071,11 @@ def summary_rows(product: str | Path) -> list[tuple[str, str]]:
     rows += [(f"time: {k}", f"{v:.2f} s") for k, v in run_record(product).get("timings_s", {}).items()]
     sino = prov.get("stages", {}).get("sinogram")
     if sino:
-        rows.append(("centre of rotation", ", ".join(f"{c:.2f} px" for c in sino["center_px"])))
+        unc = sino.get("center_uncertainty_px") or [None] * len(sino["center_px"])
+        how = sino.get("center_method") or [""] * len(sino["center_px"])
+        rows.append(("centre of rotation", ", ".join(
+            f"{c:.2f}" + (f" +- {u:.2f}" if u is not None else "") + f" px{f' ({m})' if m else ''}"
+            for c, u, m in zip(sino["center_px"], unc, how))))
     fit = prov.get("fit_summary")
     if fit:
         rows.append(("median Rwp", f"{fit['median_rwp']:.4f}"))

@@ -119,7 +119,7 @@ class SinogramSpec(_Strict):
     scale_per_angle: bool = True
     air_columns: int = Field(default=2, ge=0, description="outer translation columns per side used as air")
     center: Literal["auto"] | float | None = "auto"
-    center_method: Literal["vo", "correlation"] = "vo"
+    center_method: Literal["auto", "moment", "vo", "correlation"] = "auto"
 
 
 class IterativeSpec(_Strict):
