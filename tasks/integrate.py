@@ -598,9 +598,11 @@ class RadialIntegrator:
         sub_batch : int
             Frames processed together on the CPU (memory: about 20 bytes x pixels x
             sub_batch); cupy frames are processed as one batch.
-        engine : {"auto", "array", "kernel"}
+        engine : {"auto", "array", "kernel", "blocks"}
             ``"auto"``: cupy frames run the array-module path on the GPU, numpy frames the
-            cache-blocked CPU path; ``"array"``: the array-module path (the arithmetic the GPU
+            threaded CPU kernel (:func:`tasks._integrate_nb.sigma_clip_bins`: bins shared
+            among ``threads``, every iteration per bin and frame in one pass);
+            ``"blocks"``: the previous cache-blocked numpy path (one thread); ``"array"``: the array-module path (the arithmetic the GPU
             runs) on numpy frames too, for checking it without a GPU; ``"kernel"`` (cupy
             frames): one CUDA kernel with every iteration inside
             (:func:`tasks.cuda_kernels.sigma_clip_csr`); opt-in until the GPU tests have
@@ -612,8 +614,9 @@ class RadialIntegrator:
             Clipped mean and its standard error, on :attr:`radial_clip`.
         """
         xp, f = self._frames(frames)
-        if engine not in ("auto", "array", "kernel"):
-            raise IntegrationError(f"engine {engine!r}: expected 'auto', 'array' or 'kernel'")
+        if engine not in ("auto", "array", "kernel", "blocks"):
+            raise IntegrationError(f"engine {engine!r}: expected 'auto', 'array', 'kernel' or "
+                                   f"'blocks'")
         if engine == "kernel" and xp is np:
             raise IntegrationError("engine 'kernel': the clipping kernel runs on cupy frames only")
         if xp is not np or engine == "array":
@@ -631,13 +634,29 @@ class RadialIntegrator:
         out_s = np.zeros((n, self.npt), np.float32)
         for s in range(0, n, max(1, int(sub_batch))):
             e = min(n, s + max(1, int(sub_batch)))
-            i, sg = self._sigma_clip_block(f[s:e], thres, max_iter)
+            if engine == "blocks":
+                i, sg = self._sigma_clip_block(f[s:e], thres, max_iter)
+            else:
+                i, sg = self._sigma_clip_threaded(f[s:e], thres, max_iter)
             if mon is not None:
                 i = i / mon[s:e, None]
                 sg = sg / mon[s:e, None]
             out_i[s:e] = i
             out_s[s:e] = sg
         return out_i, out_s
+
+    def _sigma_clip_threaded(self, f, thres: float, max_iter: int):
+        """Sigma clip of numpy frames by the threaded CPU kernel; (n, npt) float64."""
+        from tasks._integrate_nb import sigma_clip_bins  # noqa: PLC0415
+
+        pix, _bin_of, indptr, _om, dark = self._segments(np)
+        csr = self._csr("no")
+        if csr.__dict__.get("om32_entries") is None:
+            csr.om32_entries = self.omega[csr.pix].astype(np.float32)
+        dummy, delta = self.dummies(f.dtype)
+        return sigma_clip_bins(f, indptr, pix, csr.om32_entries, dark=dark, dummy=dummy,
+                               delta=delta, poisson=self.error_model == "poisson", thres=thres,
+                               max_iter=max_iter, threads=self.threads)
 
     def _sigma_clip_kernel(self, f, thres: float, max_iter: int):
         """Sigma clip of cupy frames by :func:`tasks.cuda_kernels.sigma_clip_csr`; returns

@@ -303,6 +303,27 @@ def test_sigma_clip_equals_pyfai_and_removes_spots(ri_q, frame2m, hot_frame):
     assert np.median(clip_dev) < 1e-4 and (clip_dev > 0.01).sum() < 0.1 * (mean_dev > 0.01).sum()
 
 
+def test_threaded_sigma_clip_equals_the_blocked_path(ri_q, frame2m, hot_frame):
+    """The threaded CPU sigma clip (bins shared among threads, tasks/_integrate_nb.py) gives
+    the same numbers on 1 and 3 threads and equals the previous cache-blocked path, for a
+    frame with spots and one with NaN pixels, both error models."""
+    nan = hot_frame.astype(np.float32)
+    nan[600:640, 200:1200] = np.nan
+    az = RadialIntegrator(P2M / "CeO2.poni", npt=1000, unit="q_nm^-1", mask=P2M / "mask.edf",
+                          error_model="none")
+    for ri in (ri_q, az):
+        for frames in (np.stack([frame2m, hot_frame]), nan[None]):
+            got = {}
+            for threads in (1, 3):
+                ri.threads = threads
+                got[threads] = ri.integrate_sigma_clip(frames, thres=4, max_iter=5)
+            ri.threads = os.cpu_count() or 1
+            ref = ri.integrate_sigma_clip(frames, thres=4, max_iter=5, engine="blocks")
+            for k in range(frames.shape[0]):
+                np.testing.assert_array_equal(got[1][0][k], got[3][0][k])
+                assert _clip_agrees(got[3][0][k], ref[0][k]) and _clip_agrees(got[3][1][k], ref[1][k])
+
+
 def test_sigma_clip_azimuthal_model(frame2m, hot_frame):
     ri = RadialIntegrator(P2M / "CeO2.poni", npt=700, unit="2th_deg", mask=P2M / "mask.edf",
                           split="no", error_model="none")
