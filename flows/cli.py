@@ -375,6 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         # in the message stay whole when the output is piped
         _console().print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         return 2
+    except RuntimeError as err:
+        from flows.process import ProcessingError
+
+        if not isinstance(err, ProcessingError):
+            raise
+        from rich.markup import escape
+
+        # a stage failed (e.g. non-finite maps): one line, the work kept for inspection
+        _console().print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -284,12 +284,198 @@ def radial_range_off_the_detector(sim, d):
              "cover 0.09"])
 
 
+# ---- issue 15, class 3: physically impossible input, refused before any work starts
+
+
+def _poni_with(sim, d, key, value):
+    """The scan's PONI with the line ``key: ...`` set to ``value``."""
+    lines = [f"{key}: {value}" if ln.split(":", 1)[0].strip() == key else ln
+             for ln in sim.poni_path.read_text().splitlines()]
+    assert any(ln == f"{key}: {value}" for ln in lines)
+    poni = d / "bad.poni"
+    poni.write_text("\n".join(lines) + "\n")
+    return poni
+
+
+def poni_negative_distance(sim, d):
+    return (dict(scan=sim.nexus_path, poni=_poni_with(sim, d, "Distance", -0.45)), SpecError,
+            ["calibration.poni", "{poni}", "Distance -0.45 m", "expected the sample-to-detector "
+             "distance in metres, 0.001 .. 100 m"])
+
+
+def poni_zero_distance(sim, d):
+    return (dict(scan=sim.nexus_path, poni=_poni_with(sim, d, "Distance", 0.0)), SpecError,
+            ["calibration.poni", "{poni}", "Distance 0.0 m", "0.001 .. 100 m"])
+
+
+def poni_distance_in_mm(sim, d):
+    return (dict(scan=sim.nexus_path, poni=_poni_with(sim, d, "Distance", 450.0)), SpecError,
+            ["calibration.poni", "{poni}", "Distance 450.0 m", "mm written as metres"])
+
+
+def poni_wavelength_angstrom_as_m(sim, d):
+    return (dict(scan=sim.nexus_path, poni=_poni_with(sim, d, "Wavelength", 0.1746)), SpecError,
+            ["calibration.poni", "{poni}", "Wavelength 0.1746 m", "Angstrom written as metres",
+             "X-ray wavelength in metres, 1e-12 .. 1e-08 m"])
+
+
+def poni_negative_wavelength(sim, d):
+    return (dict(scan=sim.nexus_path, poni=_poni_with(sim, d, "Wavelength", -1.746e-11)),
+            SpecError, ["calibration.poni", "{poni}", "Wavelength -1.746e-11 m", "1e-12 .. 1e-08 m"])
+
+
+def poni_zero_wavelength(sim, d):
+    return (dict(scan=sim.nexus_path, poni=_poni_with(sim, d, "Wavelength", 0.0)), SpecError,
+            ["calibration.poni", "{poni}", "Wavelength 0.0 m", "1e-12 .. 1e-08 m"])
+
+
+def angles_radians_labelled_deg(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        assert h[ANGLES[0]].attrs["units"] in ("deg", b"deg")
+        _replace(h, ANGLES, np.deg2rad(h[ANGLES[0]][()]))   # the attrs (units=deg) kept
+    return dict(scan=p), IngestError, ["{scan}", "rotation_angle", "input.angle", "units 'deg'",
+                                       "radians, not degrees", "or units='rad'"]
+
+
+def angles_without_units_in_radians(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        _replace(h, ANGLES, np.deg2rad(h[ANGLES[0]][()]))
+        del h[ANGLES[0]].attrs["units"]
+    return dict(scan=p), IngestError, ["{scan}", "rotation_angle", "input.angle",
+                                       "no units attribute (degrees assumed)", "radians"]
+
+
+def angles_degrees_labelled_rad(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        h[ANGLES[0]].attrs["units"] = "rad"
+    return dict(scan=p), IngestError, ["{scan}", "rotation_angle", "input.angle", "units 'rad'",
+                                       "degrees, not radians"]
+
+
+def _subset(sim, d, keep):
+    """The scan with only the frames ``keep(angle, translation)`` selects."""
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        sel = np.flatnonzero(keep(h[ANGLES[0]][()], h[TRANS[0]][()]))
+        _replace_frames(h, h[FRAMES][()][sel])
+        for links in (ANGLES, TRANS, ("/entry/sample/z", "/entry/data/z"), ("/entry/monitor/data",)):
+            _replace(h, links, h[links[0]][()][sel])
+    return p
+
+
+def two_angles(sim, d):
+    p = _subset(sim, d, lambda a, t: np.isin(a, np.unique(a)[:2]))
+    return dict(scan=p), IngestError, ["{scan}", "input.angle", "2 distinct angle position(s)",
+                                       "expected at least 3"]
+
+
+def one_angle(sim, d):
+    p = _subset(sim, d, lambda a, t: a == a.min())
+    return dict(scan=p), IngestError, ["{scan}", "input.angle", "1 distinct angle position(s)",
+                                       "expected at least 3"]
+
+
+def one_translation(sim, d):
+    p = _subset(sim, d, lambda a, t: t == t[0])
+    return dict(scan=p), IngestError, ["{scan}", "input.translation",
+                                       "1 distinct translation position(s)", "expected at least 3"]
+
+
+def same_cif_twice(sim, d):
+    spec = _spec(d, _PHASES.format(cif="phases/NiO.cif"))
+    return (dict(scan=sim.nexus_path, pipeline=spec), SpecError,
+            ["mapping.phases[1].cif", "phases/NiO.cif", "phase 'X'", "mapping.phases[0].cif",
+             "'NiO'", "expected distinct structures"])
+
+
+def same_structure_other_file(sim, d):
+    """The same structure in another file (a comment added): found by comparing structures."""
+    (d / "X.cif").write_text("# a copy\n" + (ROOT / "pipelines/phases/NiO.cif").read_text())
+    spec = _spec(d, _PHASES.format(cif="X.cif"))
+    return (dict(scan=sim.nexus_path, pipeline=spec), PhaseError,
+            ["mapping.phases[1].cif", "{d}/X.cif", "phase 'X'", "same crystal structure",
+             "mapping.phases[0].cif", "expected distinct structures"])
+
+
+def all_zero_frames(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        _replace_frames(h, np.zeros(h[FRAMES].shape, np.uint32))
+    return dict(scan=p), IngestError, ["{scan}", "/data", "input.frames", "blank scan",
+                                       "each hold one value in every pixel (0)",
+                                       "expected diffraction frames"]
+
+
+def constant_frames(sim, d):
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        _replace_frames(h, np.full(h[FRAMES].shape, 7.0, np.float32))
+    return dict(scan=p), IngestError, ["{scan}", "/data", "input.frames", "blank scan", "(7)"]
+
+
+def _chunk_bytes(p, i):
+    with h5py.File(p, "r") as h:
+        info = h[FRAMES].id.get_chunk_info(i)
+    return info.byte_offset, info.size
+
+
+def chunk_size_header_flipped(sim, d):
+    """The decoded-size field of a bitshuffle chunk header changed."""
+    p = _copy(sim, d)
+    off, _ = _chunk_bytes(p, 37)
+    with open(p, "r+b") as f:
+        f.seek(off + 6)
+        f.write(b"\x7f")
+    return dict(scan=p), IngestError, ["{scan}", "/data", "input.frames", "first unreadable frame 37",
+                                       "chunk (37, 0, 0)"]
+
+
+def chunk_lz4_block_size_flipped(sim, d):
+    """The compressed size of the first LZ4 block of a chunk changed (decoder error)."""
+    p = _copy(sim, d)
+    off, _ = _chunk_bytes(p, 50)
+    with open(p, "r+b") as f:
+        f.seek(off + 12)
+        f.write(b"\x00\x7f")
+    return dict(scan=p), IngestError, ["{scan}", "/data", "input.frames", "first unreadable frame 50",
+                                       "chunk (50, 0, 0)"]
+
+
+def chunk_fletcher32_mismatch(sim, d):
+    """A byte flipped inside the LZ4 payload of a file written with HDF5 Fletcher32
+    checksums: undetectable by the decoder alone, found by the checksum."""
+    p = _copy(sim, d)
+    with h5py.File(p, "r+") as h:
+        data = h[FRAMES][()]
+        _replace(h, (FRAMES, "/entry/data/data"), data, chunks=(1,) + data.shape[1:],
+                 fletcher32=True, **hdf5plugin.Bitshuffle())
+    off, size = _chunk_bytes(p, 20)
+    with open(p, "r+b") as f:
+        f.seek(off + size // 2)
+        b = f.read(1)
+        f.seek(off + size // 2)
+        f.write(bytes([b[0] ^ 0x10]))
+    return dict(scan=p), IngestError, ["{scan}", "/data", "input.frames", "first unreadable frame 20",
+                                       "chunk (20, 0, 0)"]
+
+
+CASES_ISSUE15 = [poni_negative_distance, poni_zero_distance, poni_distance_in_mm,
+                 poni_wavelength_angstrom_as_m, poni_negative_wavelength, poni_zero_wavelength,
+                 angles_radians_labelled_deg, angles_without_units_in_radians,
+                 angles_degrees_labelled_rad, two_angles, one_angle, one_translation,
+                 same_cif_twice, same_structure_other_file, all_zero_frames, constant_frames,
+                 chunk_size_header_flipped, chunk_lz4_block_size_flipped, chunk_fletcher32_mismatch]
+
+
 CASES = [truncated_hdf5, corrupt_frame_chunk, missing_frames_dataset, missing_angle_dataset,
          frames_wrong_dtype_bool, angles_wrong_dtype_string, nan_frames, inf_frames,
          frame_count_not_angles, incomplete_grid, duplicated_angles, poni_other_detector,
          poni_not_a_poni, poni_missing, cif_missing, cif_malformed, spec_unknown_keys,
          spec_impossible_values, empty_scan, every_pixel_masked, mask_wrong_shape,
-         radial_range_off_the_detector]
+         radial_range_off_the_detector] + CASES_ISSUE15
 
 
 def _build(case, sim, tmp_path):
