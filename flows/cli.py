@@ -276,6 +276,10 @@ def _quiet() -> None:
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
                  "distributed.worker", "distributed.http.proxy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # a task that fails on a worker is logged there ("Compute Failed", with its traceback)
+    # and raised again by the client, where the CLI reports it in one line: drop the copy
+    logging.getLogger("distributed.worker").addFilter(
+        lambda r: not str(r.msg).startswith("Compute Failed"))
     warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
 
 

@@ -646,6 +646,25 @@ def _find_frames(h5: h5py.File) -> tuple[h5py.Dataset, h5py.Group | None, h5py.G
     return None
 
 
+def _seen_path(h5: h5py.File, dset: h5py.Dataset, nxdata: h5py.Group | None) -> str:
+    """The path in ``h5`` of the external-link that leads to ``dset`` (another file's
+    dataset): a member of the NXdata group it was found in, else any ExternalLink."""
+    def same(o):
+        return (isinstance(o, h5py.Dataset) and o.name == dset.name
+                and o.file.filename == dset.file.filename)
+
+    if nxdata is not None and nxdata.file.filename == h5.filename:
+        for k in nxdata:
+            if same(nxdata.get(k)):
+                return f"{nxdata.name}/{k}"
+    links = []
+    h5.visititems_links(lambda n, ln: links.append(n) if isinstance(ln, h5py.ExternalLink) else None)
+    for n in links:
+        if same(h5.get(n)):
+            return "/" + n
+    return dset.name
+
+
 def _missing_frames(h5: h5py.File) -> str | None:
     """Why a NeXus file that was meant to hold frames holds none: an NXdata group whose
     ``signal`` names a dataset that does not exist, or an NXdetector without ``data``."""
@@ -1004,6 +1023,10 @@ def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
                     f"(N, H, W) or (n_angle, n_translation, H, W); set input.frames")
             dset, entry, nxdata = found
         name = dset.name
+        if Path(dset.file.filename).resolve() != p.resolve():
+            # reached through an ExternalLink: the reader re-opens the scan file, so it needs
+            # the link's path here (dset.name is the path inside the linked file)
+            name = spec.frames if spec.frames is not None else _seen_path(h5, dset, nxdata)
         if (not np.issubdtype(dset.dtype, np.number) or dset.dtype == np.bool_
                 or np.issubdtype(dset.dtype, np.complexfloating)):
             raise IngestError(f"{p}: dataset {name} (input.frames) has dtype {dset.dtype}; "

@@ -513,7 +513,11 @@ def test_bad_input_fails_clearly_and_publishes_nothing(case, sim, tmp_path):
     assert_nothing_published(out)
 
 
-@pytest.mark.parametrize("case", [duplicated_angles, cif_malformed, every_pixel_masked],
+@pytest.mark.parametrize("case", [duplicated_angles, cif_malformed, every_pixel_masked,
+                                  # issue 15, class 3
+                                  poni_negative_distance, poni_wavelength_angstrom_as_m,
+                                  angles_radians_labelled_deg, two_angles, same_cif_twice,
+                                  all_zero_frames, chunk_lz4_block_size_flipped],
                          ids=lambda c: c.__name__)
 def test_cli_exits_2_with_the_message(case, sim, tmp_path):
     args, _, must = _build(case, sim, tmp_path)
@@ -524,7 +528,9 @@ def test_cli_exits_2_with_the_message(case, sim, tmp_path):
                        cwd=ROOT, env=subprocess_env(), timeout=300)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert "error:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-3000:]
-    missing = [m for m in must if m not in r.stdout]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1, r.stdout  # one line, naming the file and the field
+    missing = [m for m in must if m not in line[0]]
     assert not missing, f"output lacks {missing}:\n{r.stdout}"
     assert_nothing_published(out)
 
@@ -588,3 +594,214 @@ def test_flow_under_prefect_fails_once_with_the_message(sim, tmp_path):
     assert set(runs) == {"ingest"}, sorted(runs)
     assert runs["ingest"]["state"]["type"] == "FAILED" and runs["ingest"]["run_count"] == 1
     assert_nothing_published(out)
+
+
+# ------------------------------------------------------------------------------ issue 15
+# Class 2: every file a scan reads is inside the data roots and part of the product id.
+
+def _cli(args, out, env=None):
+    """``python -m flows.cli process ... --no-prefect``: (exit code, stdout, stderr)."""
+    cmd = [sys.executable, "-m", "flows.cli", "process", str(args["scan"]), "--poni",
+           str(args["poni"]), "--pipeline", str(args.get("pipeline", "default")), "--out",
+           str(out), "--no-prefect"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                       env={**subprocess_env(), **(env or {})}, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def _one_error_line(stdout: str) -> str:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, stdout
+    return lines[0]
+
+
+def _linked_scan(sim, scan_dir: Path, frames_dir: Path, how: str) -> tuple[Path, Path]:
+    """The scan in ``scan_dir`` with its frames moved to ``frames_dir/frames.h5`` and
+    reached through an HDF5 ``ExternalLink`` or a virtual dataset (``how``)."""
+    import os
+
+    p = scan_dir / "scan.nxs"
+    shutil.copy(sim.nexus_path, p)
+    target = frames_dir / "frames.h5"
+    rel = os.path.relpath(target, scan_dir)
+    with h5py.File(p, "r+") as h:
+        data, attrs = h[FRAMES][()], dict(h[FRAMES].attrs)
+        with h5py.File(target, "w") as g:
+            g.create_dataset("frames", data=data, chunks=(1,) + data.shape[1:], **hdf5plugin.Bitshuffle())
+        del h[FRAMES], h["/entry/data/data"]
+        if how == "external_link":
+            for ln in (FRAMES, "/entry/data/data"):
+                h[ln] = h5py.ExternalLink(rel, "/frames")
+        else:
+            layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+            layout[...] = h5py.VirtualSource(rel, "frames", shape=data.shape)
+            h.create_virtual_dataset(FRAMES, layout)
+            for k, v in attrs.items():
+                h[FRAMES].attrs[k] = v
+            h["/entry/data/data"] = h[FRAMES]
+    return p, target
+
+
+@pytest.fixture
+def roots(tmp_path):
+    """Data roots raw/ and products/, and a folder outside/ (listed before and after)."""
+    from flows.paths import ENV
+
+    raw, prod, outside = (tmp_path / n for n in ("raw", "products", "outside"))
+    for d in (raw, prod, outside):
+        d.mkdir()
+    return raw, prod, outside, {ENV: f"{raw}:{prod}"}
+
+
+@pytest.mark.parametrize("how", ["external_link", "virtual_dataset"])
+def test_cli_refuses_frames_linked_from_outside_the_data_roots(how, sim, roots):
+    """Before issue 15 the scan inside a root was processed (exit 0) with frames read from
+    outside the roots through the link."""
+    raw, prod, outside, env = roots
+    scan, target = _linked_scan(sim, raw, outside, how)
+    poni = raw / "scan.poni"
+    shutil.copy(sim.poni_path, poni)
+    before = sorted(outside.rglob("*"))
+    rc, so, se = _cli(dict(scan=scan, poni=poni), prod / "out", env)
+    assert rc == 2, so[-2000:] + se[-3000:]
+    assert "Traceback" not in se, se[-3000:]
+    line = _one_error_line(so)
+    kind = "ExternalLink /entry" if how == "external_link" else "virtual dataset /entry"
+    for m in (f"scan: {scan}", kind, "frames.h5", str(target), "outside the data roots"):
+        assert m in line, (m, line)
+    assert_nothing_published(prod / "out")
+    assert sorted(outside.rglob("*")) == before
+
+
+@pytest.mark.parametrize("folder", [".work", ".locks"])
+def test_cli_refuses_work_and_lock_folders_linked_outside_the_roots(folder, sim, roots):
+    """A symlinked ``out/.work`` or ``out/.locks`` leading out of the roots would send the
+    run's writes there (before issue 15: exit 0, the work store or lock written outside)."""
+    raw, prod, outside, env = roots
+    scan, poni = raw / "scan.nxs", raw / "scan.poni"
+    shutil.copy(sim.nexus_path, scan)
+    shutil.copy(sim.poni_path, poni)
+    out = prod / "out"
+    out.mkdir()
+    (outside / "elsewhere").mkdir()
+    (out / folder).symlink_to(outside / "elsewhere", target_is_directory=True)
+    rc, so, se = _cli(dict(scan=scan, poni=poni), out, env)
+    assert rc == 2, so[-2000:] + se[-3000:]
+    line = _one_error_line(so)
+    for m in (f"out ({folder} folder)", str(outside / "elsewhere"), "outside the data roots"):
+        assert m in line, (m, line)
+    assert not any((outside / "elsewhere").iterdir())
+    assert not list(out.glob("*.zarr"))
+
+
+_INTEGRATE_ONLY = "integration: {npt: 200}\nreconstruction: {enabled: false}\n"
+
+
+@pytest.mark.parametrize("how", ["external_link", "virtual_dataset"])
+def test_changed_linked_frames_give_a_new_product_not_the_stale_one(how, sim, tmp_path):
+    """The content of the linked frames is part of the product id: after the frames file
+    changes, the same request makes a new product from the new frames (before issue 15 it
+    returned the product of the old frames: the id hashed only the small link file)."""
+    import xarray as xr
+
+    (tmp_path / "det").mkdir()
+    scan, target = _linked_scan(sim, tmp_path, tmp_path / "det", how)
+    spec = _spec(tmp_path, _INTEGRATE_ONLY)
+    out = tmp_path / "out"
+    first = run_pipeline(scan, poni=sim.poni_path, pipeline=spec, out=out)
+    with h5py.File(target, "r+") as g:
+        d = g["frames"]
+        d[5] = d[5] * 2
+    second = run_pipeline(scan, poni=sim.poni_path, pipeline=spec, out=out)
+    assert second != first
+    p1, p2 = (xr.open_zarr(p)["patterns"] for p in (first, second))
+    grid = open_scan(scan).grid()
+    a, t = np.argwhere(np.asarray(grid.index[0]) == 5)[0]
+    # the changed frame's pattern doubled (counts / monitor), every other one unchanged
+    np.testing.assert_allclose(p2[0, a, t].values, 2 * p1[0, a, t].values, rtol=1e-5)
+    diff = np.abs(p2.values - p1.values).sum(axis=-1)[0]
+    assert np.count_nonzero(diff) == 1
+
+
+# Class 3: integer frames whose counts collide with the detector's dummy value.
+
+def test_uint8_counts_at_253_to_255_are_integrated_not_dropped_as_dummies(sim, tmp_path):
+    """pyFAI casts the Eiger's dummy (-2, tolerance 1.5) into uint8 as 254 +- 1.5, so the
+    brightest counts 253, 254, 255 were masked as dead pixels (5 % of a peak lost). The
+    same counts stored as uint8 and as uint16 must give the same patterns."""
+    from tasks.integrate import RadialIntegrator  # noqa: F401 - the class whose dummies are fixed
+
+    src = open_scan(sim.nexus_path).frames.compute().astype(np.float64)
+    scaled = np.clip(np.round(src * 255.0 / np.percentile(src, 99.5)), 0, 255)
+    y, x = _good_pixel(sim)
+    out, pats = tmp_path / "out", {}
+    for dt in (np.uint8, np.uint16):
+        d = tmp_path / np.dtype(dt).name
+        d.mkdir()
+        p = _copy(sim, d)
+        with h5py.File(p, "r+") as h:
+            _replace_frames(h, scaled.astype(dt))
+        spec = _spec(d, _INTEGRATE_ONLY)
+        import xarray as xr
+
+        pats[dt] = xr.open_zarr(run_pipeline(p, poni=sim.poni_path, pipeline=spec, out=out))["patterns"].values
+    high = (scaled >= 253).sum()
+    assert high > 1000, high  # the case: many counts at 253..255 (gaps are in the static mask)
+    assert np.all(np.isfinite(pats[np.uint8]))
+    np.testing.assert_allclose(pats[np.uint8], pats[np.uint16], rtol=1e-6, atol=0)
+    assert scaled[:, y, x].max() > 0
+
+
+# Finite maps: a product is published only when its maps are finite where the sample is.
+
+def _poisoned(stage, var, where):
+    """The plain stages with ``stage`` followed by NaN written into ``var`` at ``where``
+    (an index into slice 0)."""
+    import zarr
+
+    from flows.process import plain_stages
+
+    stages = plain_stages()
+    inner = stages[stage]
+
+    def poisoned(req):
+        info = inner(req)
+        a = zarr.open_group(str(req.work), mode="r+")[var]
+        s0 = np.asarray(a[0])
+        s0[where] = np.nan
+        a[0] = s0
+        return info
+
+    stages[stage] = poisoned
+    return stages
+
+
+@pytest.mark.parametrize("stage,var,where,spec_text", [
+    ("reconstruct", "volume", (5, 6, slice(0, 3)), "integration: {npt: 200}\n"),
+    ("integrate", "patterns", (2, 3, slice(None)), _INTEGRATE_ONLY),
+    ("mapping", "scale", (0, 6, 6), "integration: {npt: 300, unit: 2th_deg}\n" + _PHASES.format(
+        cif="phases/Al2O3_corundum.cif").replace("X,", "Al2O3,")),
+], ids=["volume", "patterns", "maps"])
+def test_non_finite_maps_are_not_published_and_the_stage_is_named(stage, var, where, spec_text,
+                                                                    sim, tmp_path):
+    from flows.process import ProcessingError, make_request
+
+    spec = _spec(tmp_path, spec_text)
+    out = tmp_path / "out"
+    with pytest.raises(ProcessingError) as e:
+        run_pipeline(sim.nexus_path, poni=sim.poni_path, pipeline=spec, out=out,
+                     stages=_poisoned(stage, var, where))
+    msg = str(e.value)
+    assert "\n" not in msg
+    for m in (f"stage {stage} produced non-finite values", f"{var} holds", str(sim.nexus_path),
+              "nothing was published", "kept for inspection"):
+        assert m in msg, (m, msg)
+    req = make_request(sim.nexus_path, spec, sim.poni_path, out)
+    assert str(req.work) in msg and req.work.is_dir()      # the work is kept
+    assert not list(out.glob("*.zarr")) and not list(out.glob("*.png"))
+    if (out / "catalog.sqlite").exists():
+        from catalog.db import Catalog
+
+        cat = Catalog.for_products(out)
+        assert cat.products() == []
+        cat.dispose()
