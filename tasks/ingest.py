@@ -1369,6 +1369,10 @@ def open_sinogram(path, spec=None) -> Scan:
         metadata = nexus_metadata(_entry_of(h5, d))
         if wavelength is None and radial is not None:
             wavelength = _nexus_wavelength(_entry_of(h5, d))
+        if wavelength is not None and not (1e-12 <= wavelength <= 1e-8):
+            raise IngestError(f"{p}: wavelength {wavelength:g} m of {name} (its wavelength_m "
+                              f"attribute, or input.wavelength_m): outside the X-ray range; "
+                              f"expected 1e-12 .. 1e-08 m")
     finally:
         h5.close()
 

@@ -329,6 +329,12 @@ def poni_zero_wavelength(sim, d):
             ["calibration.poni", "{poni}", "Wavelength 0.0 m", "1e-12 .. 1e-08 m"])
 
 
+def spec_wavelength_angstrom_as_m(sim, d):
+    spec = _spec(d, "input:\n  wavelength_m: 0.1746\n")
+    return (dict(scan=sim.nexus_path, pipeline=spec), SpecError,
+            ["{spec}", "input.wavelength_m", "less than or equal to", "(got 0.1746)"])
+
+
 def angles_radians_labelled_deg(sim, d):
     p = _copy(sim, d)
     with h5py.File(p, "r+") as h:
@@ -464,6 +470,7 @@ def chunk_fletcher32_mismatch(sim, d):
 
 CASES_ISSUE15 = [poni_negative_distance, poni_zero_distance, poni_distance_in_mm,
                  poni_wavelength_angstrom_as_m, poni_negative_wavelength, poni_zero_wavelength,
+                 spec_wavelength_angstrom_as_m,
                  angles_radians_labelled_deg, angles_without_units_in_radians,
                  angles_degrees_labelled_rad, two_angles, one_angle, one_translation,
                  same_cif_twice, same_structure_other_file, all_zero_frames, constant_frames,
