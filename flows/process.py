@@ -365,7 +365,7 @@ def _same_structure(s1, s2, tol: float = 1e-4) -> bool:
         return False
 
     def sites(s):
-        return sorted((str(site.species), *np.round(np.mod(site.frac_coords, 1.0) % 1.0, 3))
+        return sorted((str(site.species), *(float(v) for v in np.mod(np.round(site.frac_coords, 3), 1.0)))
                       for site in s)
 
     return sites(s1) == sites(s2)

@@ -1225,6 +1225,11 @@ def open_image_series(table_path, spec=None, poni_shape: tuple[int, int] | None 
                 wavelength_m=spec.wavelength_m, files=[str(table)] + files,
                 frames_dataset="file", reader=reader)
     if kind == "frames":
+        v = np.unique(arr["angle"])
+        if v.size >= 3 and v[-1] - v[0] <= _RADIAN_SPAN:  # the table's angles are in degrees
+            raise IngestError(f"{table}: column 'angle' (input.angle): rotation angles span "
+                              f"{v[0]:.6g} .. {v[-1]:.6g}: a span of at most 2 pi is radians; "
+                              f"expected degrees over a tomographic range (about 180 or 360)")
         scan.angle, scan.translation, scan.z = arr["angle"], arr["translation"], arr.get("z")
     else:
         scan.map_y, scan.map_x = arr["y"], arr["x"]
