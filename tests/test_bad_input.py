@@ -812,3 +812,31 @@ def test_non_finite_maps_are_not_published_and_the_stage_is_named(stage, var, wh
         cat = Catalog.for_products(out)
         assert cat.products() == []
         cat.dispose()
+
+
+def test_scan_table_angles_in_radians_are_refused(tmp_path):
+    """A scan table's ``angle`` column is in degrees; angles spanning at most 2 pi are
+    radians and are refused naming the table and the column (before issue 15: read as
+    degrees, a 2.4-degree scan)."""
+    import fabio.edfimage
+
+    def table(angles):
+        rows = ["file,angle,translation"]
+        for i, a in enumerate(angles):
+            for j in range(3):
+                f = f"f_{i}_{j}.edf"
+                fabio.edfimage.EdfImage(data=np.full((8, 9), i + j + 1, np.uint16)).write(str(tmp_path / f))
+                rows.append(f"{f},{a:.6f},{j * 0.1:.1f}")
+        t = tmp_path / "scan.csv"
+        t.write_text("\n".join(rows) + "\n")
+        return t
+
+    rad = np.linspace(0, np.pi, 4, endpoint=False)
+    t = table(rad)
+    with pytest.raises(IngestError) as e:
+        open_scan(t)
+    msg = str(e.value)
+    for m in (str(t), "column 'angle'", "input.angle", "0 .. 2.35619", "radians",
+              "expected degrees"):
+        assert m in msg, (m, msg)
+    assert open_scan(table(np.rad2deg(rad))).angle.max() == pytest.approx(135.0)  # degrees pass
