@@ -1506,7 +1506,8 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
 
 
 #: Map variables that must be finite wherever ``sample_mask`` is True before a product is
-#: published (:func:`check_finite`).
+#: published (:func:`check_finite`); ``weight_fraction`` only where some phase has a
+#: positive scale (it is 0 / 0 = NaN, by definition, where every fitted scale is 0).
 FINITE_MAPS = ("scale", "weight_fraction", "rwp")
 #: The stage that writes each variable checked, upstream first (where a non-finite map is
 #: traced back to).
@@ -1546,7 +1547,8 @@ def check_finite(req: Request, stage_info: dict) -> None:
     """Refuse to publish a product whose maps are not finite where the sample is.
 
     The product's result (the maps ``scale``, ``weight_fraction``, ``rwp`` where
-    ``sample_mask`` is True when mapping ran, else the ``volume``, else the ``patterns``)
+    ``sample_mask`` is True, weight fractions where some phase is present, when mapping
+    ran; else the ``volume``, else the ``patterns``)
     is checked slice by slice. When a value is NaN or inf, the variables upstream are
     checked in stage order and the first stage whose output holds non-finite values is
     named.
@@ -1563,18 +1565,22 @@ def check_finite(req: Request, stage_info: dict) -> None:
     g = zarr.open_group(str(req.work), mode="r")
     names = set(g.array_keys())
     sample = np.asarray(g["sample_mask"][...], bool) if "sample_mask" in names else None
+    where = {}
+    if sample is not None and "scale" in names:
+        present = np.nansum(np.asarray(g["scale"][...], np.float64), axis=1) > 0   # (z, y, x)
+        where["weight_fraction"] = sample & present
     if "mapping" in stage_info and sample is not None:
         final = [v for v in FINITE_MAPS if v in names]
     elif "volume" in names:
         final = ["volume"]
     else:
         final = [v for v in ("patterns", "volume") if v in names][:1]
-    if not any(_nonfinite(req.work, v, sample) for v in final):
+    if not any(_nonfinite(req.work, v, where.get(v, sample)) for v in final):
         return
     for stage, var in _STAGE_OF:
         if var not in names:
             continue
-        got = _nonfinite(req.work, var, sample)
+        got = _nonfinite(req.work, var, where.get(var, sample))
         if got:
             bad, total, first = got
             where = " where the sample is" if stage in ("mapping", "superres") else ""
