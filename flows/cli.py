@@ -276,6 +276,10 @@ def _quiet() -> None:
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
                  "distributed.worker", "distributed.http.proxy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # a task that fails on a worker is logged there ("Compute Failed", with its traceback)
+    # and raised again by the client, where the CLI reports it in one line: drop the copy
+    logging.getLogger("distributed.worker").addFilter(
+        lambda r: not str(r.msg).startswith("Compute Failed"))
     warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
 
 
@@ -375,6 +379,16 @@ def main(argv: list[str] | None = None) -> int:
         # in the message stay whole when the output is piped
         _console().print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
         return 2
+    except RuntimeError as err:
+        from flows.process import ProcessingError
+
+        if not isinstance(err, ProcessingError):
+            raise
+        from rich.markup import escape
+
+        # a stage failed (e.g. non-finite maps): one line, the work kept for inspection
+        _console().print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
+        return 1
 
 
 if __name__ == "__main__":

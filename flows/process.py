@@ -91,6 +91,57 @@ def _poni_path(req_poni: str | None, spec: PipelineSpec) -> Path | None:
     return p
 
 
+#: Physical ranges checked before any work starts (:func:`check_poni_physics`): a sample-to-
+#: detector distance of 1 mm .. 100 m (XRD-CT setups use 0.1 .. 3 m; the range only rejects
+#: a sign error, a zero or a unit slip such as mm written as m) and an X-ray wavelength of
+#: 1e-12 .. 1e-8 m (0.01 .. 100 Angstrom, 1.24 MeV .. 124 eV: rejects 0, a negative value and
+#: Angstrom written as metres, e.g. 0.1746).
+DISTANCE_RANGE_M = (1e-3, 100.0)
+WAVELENGTH_RANGE_M = (1e-12, 1e-8)
+
+
+def check_poni_physics(poni: str | Path) -> None:
+    """Check the distance and wavelength of a pyFAI PONI file against the ranges X-ray
+    diffraction can have (:data:`DISTANCE_RANGE_M`, :data:`WAVELENGTH_RANGE_M`), reading
+    only its ``Distance:`` and ``Wavelength:`` lines (cheap: no pyFAI import).
+
+    Raises
+    ------
+    pipelines.spec.SpecError
+        A value outside its range or not a number; the message names the file, the field
+        and the expected range. A PONI without these lines passes (pyFAI reading it later
+        says what is wrong).
+    """
+    try:
+        lines = Path(poni).read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    fields = {}
+    for ln in lines:
+        if ":" in ln and not ln.lstrip().startswith("#"):
+            k, v = ln.split(":", 1)
+            fields[k.strip().lower()] = v.strip()
+    for key, (lo, hi), what in (("distance", DISTANCE_RANGE_M, "sample-to-detector distance"),
+                                ("wavelength", WAVELENGTH_RANGE_M, "X-ray wavelength")):
+        if key not in fields:
+            continue
+        raw = fields[key]
+        try:
+            v = float(raw)
+        except ValueError:
+            raise SpecError(f"calibration.poni: {poni}: {key.capitalize()} {raw!r} is not a "
+                            f"number; expected the {what} in metres, {lo:g} .. {hi:g} m") from None
+        if not (np.isfinite(v) and lo <= v <= hi):
+            hint = ""
+            if key == "wavelength" and 1e-2 <= abs(v) <= 1e2:
+                hint = f" (Angstrom written as metres? {v} A = {v * 1e-10:g} m)"
+            elif key == "distance" and 1 <= v <= 1e4:
+                hint = f" (mm written as metres? {v} mm = {v * 1e-3:g} m)"
+            raise SpecError(f"calibration.poni: {poni}: {key.capitalize()} {raw} m is outside "
+                            f"the range of X-ray diffraction{hint}; expected the {what} in "
+                            f"metres, {lo:g} .. {hi:g} m")
+
+
 def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = None,
                  poni: str | Path | None = None, out: str | Path = "xrdct-out") -> Request:
     """Validate the inputs, checksum them and compute the product's content address.
@@ -119,7 +170,19 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
     poni_p = _poni_path(str(confine(poni, "poni")) if poni else None, spec)
     if poni_p is not None and not poni:
         poni_p = confine(poni_p, "calibration.poni", extra_roots=[PIPELINES_DIR])
+    for folder in (".work", ".locks"):  # written like outputs, so confined like them
+        confine(out / folder, f"out ({folder} folder)")
+    if poni_p is not None:
+        check_poni_physics(poni_p)
     inputs = {scan.name: file_checksum(scan)} if scan.is_file() else {}
+    if scan.is_file() and scan.suffix.lower() not in TABLE_SUFFIXES:
+        # files an HDF5 scan reads through external links, virtual datasets and external
+        # storage: confined like the scan, and their content is part of the product id
+        from tasks.ingest import hdf5_linked_files
+
+        for f, via in hdf5_linked_files(scan):
+            confine(f, f"scan: {scan}: {via}")
+            inputs[f"{scan.name} -> {f}"] = file_checksum(f)
     if scan.suffix.lower() in TABLE_SUFFIXES:
         from flows.paths import confine_table_files
         from tasks.ingest import open_scan
@@ -138,9 +201,16 @@ def make_request(scan: str | Path, pipeline: str | Path | PipelineSpec | None = 
                 confine(p, f"calibration.{role}", extra_roots=[PIPELINES_DIR])
             calib[role] = file_checksum(p)
     if spec.mapping.enabled:
+        seen = {}
         for i, (ph, p) in enumerate(zip(spec.mapping.phases, spec.phase_paths())):
             confine(p, f"mapping.phases[{i}].cif", extra_roots=[PIPELINES_DIR])
             calib[f"phase:{ph.name}"] = file_checksum(p)
+            j = seen.setdefault(calib[f"phase:{ph.name}"], i)
+            if j != i:
+                raise SpecError(f"mapping.phases[{i}].cif: {p} (phase {ph.name!r}) is the same "
+                                f"file content as mapping.phases[{j}].cif "
+                                f"({spec.mapping.phases[j].name!r}); two phases with one "
+                                f"structure cannot be told apart: expected distinct structures")
     sr = spec.superres
     if sr.enabled:
         for role, name in (("model", sr.model), ("guide", None if sr.guide == "from_data" else sr.guide)):
@@ -269,12 +339,36 @@ def _check_phases(req: Request, spec: PipelineSpec) -> None:
     """Read every phase's CIF now, so a malformed one stops the run before integration."""
     from tasks.rietveld import PhaseError, load_phase
 
+    loaded = []
     for i, (ph, path) in enumerate(zip(spec.mapping.phases, spec.phase_paths())):
         try:
-            load_phase(ph.name, path)
+            phase = load_phase(ph.name, path)
         except PhaseError as err:
             raise PhaseError(f"mapping.phases[{i}].cif (pipeline {spec.name!r}, spec in "
                              f"{req.spec_base_dir}): {err}") from None
+        for j, other in enumerate(loaded):  # one structure under two names: not separable
+            if _same_structure(phase.structure, other.structure):
+                raise PhaseError(
+                    f"mapping.phases[{i}].cif: {path} (phase {ph.name!r}) holds the same crystal "
+                    f"structure ({phase.formula}, a={phase.a:.5g} A) as mapping.phases[{j}].cif "
+                    f"{other.cif_path} (phase {other.name!r}); their patterns are identical, so "
+                    f"the fit cannot split them: expected distinct structures")
+        loaded.append(phase)
+
+
+def _same_structure(s1, s2, tol: float = 1e-4) -> bool:
+    """Whether two pymatgen structures are the same cell with the same sites (lattice
+    parameters within ``tol`` relative, species and fractional coordinates equal within
+    ``tol``, in any order)."""
+    l1, l2 = s1.lattice, s2.lattice
+    if len(s1) != len(s2) or not np.allclose(l1.abc + l1.angles, l2.abc + l2.angles, rtol=tol):
+        return False
+
+    def sites(s):
+        return sorted((str(site.species), *(float(v) for v in np.mod(np.round(site.frac_coords, 3), 1.0)))
+                      for site in s)
+
+    return sites(s1) == sites(s2)
 
 
 def stage_ingest(req: Request) -> dict:
@@ -304,12 +398,74 @@ def stage_ingest(req: Request) -> dict:
     info = {"kind": scan.kind, "source": scan.source, "metadata": dict(scan.metadata)}
     if scan.frames is not None:
         g = scan.grid()
+        if scan.kind != "map" and spec.reconstruction.enabled:
+            _check_grid_size(req.scan, len(g.angle), len(g.translation))
+        _check_not_constant(scan)
         info.update(n_frames=int(scan.frames.shape[0]), frame_shape=list(scan.frames.shape[1:]),
                     frame_dtype=str(scan.frames.dtype),
                     grid=[len(g.z), len(g.angle), len(g.translation)])
     else:
+        if spec.reconstruction.enabled:
+            _check_grid_size(req.scan, len(scan.sino_angle), len(scan.sino_translation))
         info.update(sinogram_shape=list(scan.sinogram.shape))
     return info
+
+
+#: The fewest distinct rotation angles and translations a scan to be reconstructed must have
+#: (checked by the ingest stage, before integration): centring and filtered back-projection
+#: need at least 3 of each; a useful XRD-CT slice has tens to hundreds.
+MIN_ANGLES = 3
+MIN_TRANSLATIONS = 3
+
+
+def _check_grid_size(scan: str, n_angle: int, n_translation: int) -> None:
+    for field_, n, lo in (("angle", n_angle, MIN_ANGLES),
+                          ("translation", n_translation, MIN_TRANSLATIONS)):
+        if n < lo:
+            from tasks.ingest import IngestError
+
+            raise IngestError(f"{scan}: input.{field_}: {n} distinct {field_} position(s); "
+                              f"expected at least {lo} to reconstruct a slice (or disable "
+                              f"reconstruction)")
+
+
+#: Frames read by the ingest stage to catch a blank scan (all zero or one constant value).
+CONSTANT_SAMPLE = 8
+
+
+def _check_not_constant(scan) -> None:
+    """Read up to :data:`CONSTANT_SAMPLE` frames spread over the scan (first and last
+    included) and raise when every one holds a single value in all its pixels (dead-pixel
+    and gap markers excluded: negative values and, for unsigned integers, the type's
+    maximum): an all-zero or constant scan has nothing to integrate, and its maps would be
+    NaN. Cheap: a few frames are read, not the scan."""
+    from tasks.ingest import IngestError
+
+    n = int(scan.frames.shape[0])
+    idx = np.unique(np.linspace(0, n - 1, min(CONSTANT_SAMPLE, n)).round().astype(int))
+    dt = np.dtype(scan.frames.dtype)
+    values = set()
+    for i in idx:
+        reader = getattr(scan, "reader", None)  # straight from the file, not through Dask
+        f = np.asarray(reader[int(i)] if reader is not None else scan.frames[int(i)].compute())
+        ok = f >= 0
+        if dt.kind == "u":
+            ok &= f != np.iinfo(dt).max
+        elif dt.kind == "f":
+            ok &= np.isfinite(f)
+        v = f[ok]
+        if v.size == 0:
+            continue
+        lo, hi = v.min(), v.max()
+        if lo != hi:
+            return
+        values.add(lo.item())
+    where = f"{scan.source}: {scan.frames_dataset}" if scan.frames_dataset else scan.source
+    shown = ", ".join(f"{v:g}" for v in sorted(values)) or "no valid pixel"
+    raise IngestError(f"{where} (input.frames): the {idx.size} frames read of {n} (indices "
+                      f"{', '.join(str(int(i)) for i in idx)}) each hold one value in every "
+                      f"pixel ({shown}): a blank scan; expected diffraction frames with "
+                      f"varying counts")
 
 
 def stage_integrate(req: Request) -> dict:
@@ -1401,12 +1557,98 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
                     info["mapping"] = run("mapping")
                     if spec.superres.enabled:
                         info["superres"] = run("superres")
+                check_finite(req, info)
                 return run("publish", started, info)
         except Exception as err:
             if isinstance(err, input_errors()):
                 # bad input: the same inputs fail the same way: nothing is kept for a resume
                 req.discard_work()
             raise
+
+
+#: Map variables that must be finite wherever ``sample_mask`` is True before a product is
+#: published (:func:`check_finite`); ``weight_fraction`` only where some phase has a
+#: positive scale (it is 0 / 0 = NaN, by definition, where every fitted scale is 0).
+FINITE_MAPS = ("scale", "weight_fraction", "rwp")
+#: The stage that writes each variable checked, upstream first (where a non-finite map is
+#: traced back to).
+_STAGE_OF = (("integrate", "patterns"), ("sinogram", "sinogram"), ("reconstruct", "volume"),
+             ("mapping", "scale"), ("mapping", "weight_fraction"), ("mapping", "rwp"),
+             ("superres", "scale_sr"), ("superres", "weight_fraction_sr"))
+
+
+def _nonfinite(work: Path, name: str, sample=None) -> tuple[int, int, tuple] | None:
+    """Count the non-finite values of variable ``name`` of the work store, slice by slice
+    along z (only where ``sample``, (z, y, x) bool, is True for variables with y and x);
+    (count, total, index of the first) or None when all are finite."""
+    import zarr
+
+    arr = zarr.open_group(str(work), mode="r")[name]
+    dims = list(arr.metadata.dimension_names or ())
+    bad = total = 0
+    first = None
+    for iz in range(arr.shape[0]):
+        a = np.asarray(arr[iz])
+        ok = np.isfinite(a)
+        if sample is not None and "y" in dims and "x" in dims:
+            m = sample[iz]
+            # (phase, y, x) or (y, x): broadcast the slice's sample mask
+            where = np.broadcast_to(m, a.shape) if a.shape[-2:] == m.shape else np.ones(a.shape, bool)
+        else:
+            where = np.ones(a.shape, bool)
+        nb = int((~ok & where).sum())
+        total += int(where.sum())
+        if nb and first is None:
+            first = (iz,) + tuple(int(v) for v in np.argwhere(~ok & where)[0])
+        bad += nb
+    return (bad, total, first) if bad else None
+
+
+def check_finite(req: Request, stage_info: dict) -> None:
+    """Refuse to publish a product whose maps are not finite where the sample is.
+
+    The product's result (the maps ``scale``, ``weight_fraction``, ``rwp`` where
+    ``sample_mask`` is True, weight fractions where some phase is present, when mapping
+    ran; else the ``volume``, else the ``patterns``)
+    is checked slice by slice. When a value is NaN or inf, the variables upstream are
+    checked in stage order and the first stage whose output holds non-finite values is
+    named.
+
+    Raises
+    ------
+    ProcessingError
+        Non-finite values where the sample is; the message names the stage, the variable,
+        the count and the first index, and the work store, which is kept for inspection
+        (not an input error: :func:`run_pipeline` keeps it).
+    """
+    import zarr
+
+    g = zarr.open_group(str(req.work), mode="r")
+    names = set(g.array_keys())
+    sample = np.asarray(g["sample_mask"][...], bool) if "sample_mask" in names else None
+    where = {}
+    if sample is not None and "scale" in names:
+        present = np.nansum(np.asarray(g["scale"][...], np.float64), axis=1) > 0   # (z, y, x)
+        where["weight_fraction"] = sample & present
+    if "mapping" in stage_info and sample is not None:
+        final = [v for v in FINITE_MAPS if v in names]
+    elif "volume" in names:
+        final = ["volume"]
+    else:
+        final = [v for v in ("patterns", "volume") if v in names][:1]
+    if not any(_nonfinite(req.work, v, where.get(v, sample)) for v in final):
+        return
+    for stage, var in _STAGE_OF:
+        if var not in names:
+            continue
+        got = _nonfinite(req.work, var, where.get(var, sample))
+        if got:
+            bad, total, first = got
+            where = " where the sample is" if stage in ("mapping", "superres") else ""
+            raise ProcessingError(
+                f"stage {stage} produced non-finite values: {var} holds {bad} NaN/inf of "
+                f"{total} values{where} (first at index {first}) for {req.scan}; nothing was "
+                f"published; the work store {req.work} is kept for inspection")
 
 
 def input_errors() -> tuple[type[Exception], ...]:

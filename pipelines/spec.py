@@ -61,7 +61,9 @@ class InputSpec(_Strict):
                            "translation,angle", "translation,angle,radial",
                            "radial,angle,translation"] | None = None
     radial_unit: RadialUnit | None = None
-    wavelength_m: float | None = Field(default=None, gt=0, lt=1e-8)
+    # X-ray range, 0.01 .. 100 Angstrom (as flows.process.WAVELENGTH_RANGE_M): refuses 0,
+    # a negative value and Angstrom written as metres
+    wavelength_m: float | None = Field(default=None, ge=1e-12, le=1e-8)
     angle_range_deg: float | None = Field(
         default=None, gt=0, le=360,
         description="for sinogram input without an angle dataset: the scan's angular range")

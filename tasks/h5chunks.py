@@ -123,6 +123,74 @@ def _header(buf, nbytes_want: int, itemsize: int) -> int:
     return block_bytes
 
 
+_WALK = None
+
+
+def _lz4_walk():
+    """The compiled block walker of :func:`check_lz4_blocks` (numba, cached on disk)."""
+    global _WALK
+    if _WALK is None:
+        from numba import njit  # noqa: PLC0415
+
+        @njit(cache=True, nogil=True)
+        def walk(payload, n_blocks, block_bytes, last_bytes, leftover):
+            # returns -1 when the blocks tile the payload, else the index of the first bad
+            # block (or n_blocks when the sizes do not add up to the payload's length)
+            pos = 0
+            n = payload.size
+            for b in range(n_blocks):
+                want = block_bytes if b < n_blocks - 1 or last_bytes == 0 else last_bytes
+                if pos + 4 > n:
+                    return b
+                size = ((np.int64(payload[pos]) << 24) | (np.int64(payload[pos + 1]) << 16)
+                        | (np.int64(payload[pos + 2]) << 8) | np.int64(payload[pos + 3]))
+                if size <= 0 or size > want + want // 255 + 16 or pos + 4 + size > n:
+                    return b
+                pos += 4 + size
+            if pos + leftover != n:
+                return n_blocks
+            return -1
+
+        _WALK = walk
+    return _WALK
+
+
+def check_lz4_blocks(buf, nbytes: int, block_bytes: int, itemsize: int) -> None:
+    """Check the block structure of a bitshuffle-LZ4 chunk before it is decoded.
+
+    bitshuffle's decoder (``bshuf_decompress_lz4``) trusts each block's 4-byte compressed
+    size and decodes with ``LZ4_decompress_fast``, which does not bound its reads: a
+    corrupted size field makes it read past the chunk and crash the process. Here the
+    blocks are walked first (layout of ``bshuf_blocked_wrap_fun``: ``size // block``
+    full blocks, one last block of the remainder rounded down to 8 elements, then the
+    last ``size % 8`` elements stored raw): every size must be positive, at most
+    ``LZ4_compressBound`` of its block, and the sizes must tile the payload exactly.
+
+    Limit: a flipped byte inside an LZ4 literal decodes to a wrong value without any
+    error; only a checksum (HDF5 Fletcher32, read through h5py) can find it.
+
+    Raises
+    ------
+    ValueError
+        Naming the first bad block.
+    """
+    if block_bytes <= 0 or (block_bytes // itemsize) % 8:
+        raise ValueError(f"corrupt bitshuffle-LZ4 chunk: block size {block_bytes} bytes is not "
+                         f"a positive multiple of 8 elements")
+    size = nbytes // itemsize
+    block = block_bytes // itemsize
+    rem = size % block
+    last = rem - rem % 8
+    n_blocks = size // block + (1 if last else 0)
+    payload = np.frombuffer(buf, dtype=np.uint8, offset=12)
+    bad = _lz4_walk()(payload, n_blocks, block * itemsize, last * itemsize, (size % 8) * itemsize)
+    if bad >= 0:
+        what = (f"LZ4 block {bad} of {n_blocks} has an impossible compressed size"
+                if bad < n_blocks else "the LZ4 blocks do not fill the chunk exactly")
+        raise ValueError(f"corrupt bitshuffle-LZ4 chunk: {what} ({payload.size} compressed bytes "
+                         f"for {nbytes} decoded)")
+
+
 def decode_bitshuffle_lz4_into(buf: bytes, out: np.ndarray) -> None:
     """Decode one HDF5 bitshuffle-LZ4 chunk into ``out`` (C-contiguous, the chunk's shape
     and dtype), with no intermediate array.
@@ -138,6 +206,7 @@ def decode_bitshuffle_lz4_into(buf: bytes, out: np.ndarray) -> None:
         out[...] = decode_bitshuffle_lz4(buf, out.shape, out.dtype)
         return
     block_bytes = _header(buf, out.nbytes, out.itemsize)
+    check_lz4_blocks(buf, out.nbytes, block_bytes, out.itemsize)
     payload = np.frombuffer(buf, dtype=np.uint8, offset=12)
     used = fn(payload.ctypes.data, out.ctypes.data, out.size, out.itemsize,
               block_bytes // out.itemsize)
@@ -228,6 +297,7 @@ def decode_bitshuffle_lz4(buf: bytes, shape: tuple, dtype) -> np.ndarray:
     bs = _bitshuffle()
     dtype = np.dtype(dtype)
     block_bytes = _header(buf, int(np.prod(shape)) * dtype.itemsize, dtype.itemsize)
+    check_lz4_blocks(buf, int(np.prod(shape)) * dtype.itemsize, block_bytes, dtype.itemsize)
     payload = np.frombuffer(buf, dtype=np.uint8, offset=12)
     try:
         return bs.decompress_lz4(payload, tuple(shape), dtype, block_bytes // dtype.itemsize)

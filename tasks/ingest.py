@@ -340,11 +340,11 @@ class _H5FrameReader:
                     out = np.concatenate(parts) if parts else \
                         np.empty((0,) + np.empty(self.shape[1:])[ky, kx].shape, self.dtype)
         except (OSError, ValueError) as err:
-            bad = self._first_unreadable(idx) if idx.size > 1 else None
+            bad = self._first_unreadable(idx) if idx.size > 1 else (int(idx[0]) if idx.size else None)
             raise IngestError(
                 f"{self.path}: dataset {self.dataset}: cannot read frames "
                 f"{int(idx[0]) if idx.size else 0}..{int(idx[-1]) if idx.size else 0}"
-                + (f", first unreadable frame {bad}" if bad is not None else "")
+                + (f", first unreadable frame {bad}{self._chunk_of(bad)}" if bad is not None else "")
                 + f" (input.frames; corrupt or truncated file?): {err}") from None
         return out[0] if scalar else out
 
@@ -377,6 +377,18 @@ class _H5FrameReader:
                 pass
         out[...] = self[start:stop]
         return out
+
+    def _chunk_of(self, i: int) -> str:
+        """`` (chunk (c0, c1, ...))``: the HDF5 chunk (its origin) holding frame ``i``."""
+        try:
+            with h5py.File(self.path, "r") as h5:
+                chunks = h5[self.dataset].chunks
+        except (OSError, KeyError):
+            return ""
+        if not chunks:
+            return ""
+        pos = tuple(int(c) for c in np.unravel_index(int(i), self.scan_shape)) + (0, 0)
+        return f" (chunk {tuple(c // k * k for c, k in zip(pos, chunks))})"
 
     def _first_unreadable(self, idx) -> int | None:
         """After a failed read: the first frame of ``idx`` that cannot be read on its own."""
@@ -664,6 +676,25 @@ def _find_frames(h5: h5py.File) -> tuple[h5py.Dataset, h5py.Group | None, h5py.G
     return None
 
 
+def _seen_path(h5: h5py.File, dset: h5py.Dataset, nxdata: h5py.Group | None) -> str:
+    """The path in ``h5`` of the external-link that leads to ``dset`` (another file's
+    dataset): a member of the NXdata group it was found in, else any ExternalLink."""
+    def same(o):
+        return (isinstance(o, h5py.Dataset) and o.name == dset.name
+                and o.file.filename == dset.file.filename)
+
+    if nxdata is not None and nxdata.file.filename == h5.filename:
+        for k in nxdata:
+            if same(nxdata.get(k)):
+                return f"{nxdata.name}/{k}"
+    links = []
+    h5.visititems_links(lambda n, ln: links.append(n) if isinstance(ln, h5py.ExternalLink) else None)
+    for n in links:
+        if same(h5.get(n)):
+            return "/" + n
+    return dset.name
+
+
 def _missing_frames(h5: h5py.File) -> str | None:
     """Why a NeXus file that was meant to hold frames holds none: an NXdata group whose
     ``signal`` names a dataset that does not exist, or an NXdetector without ``data``."""
@@ -848,6 +879,42 @@ def _unit_factor(d: h5py.Dataset, table: dict, path: Path, field_name: str) -> f
                       f"one of {sorted(table)}")
 
 
+#: A rotation scan's angular span below which degrees are taken to be radians (2 pi, plus
+#: rounding): XRD-CT covers about 180 or 360 deg, and 2 pi deg is far too little for it.
+_RADIAN_SPAN = 2 * np.pi * 1.001
+
+
+def _check_angle_unit(a: np.ndarray, d: h5py.Dataset, path: Path, factor: float) -> None:
+    """Infer the unit of rotation angles ``a`` (as stored) from their range and check it
+    against the dataset's ``units`` (``factor`` to degrees: 1 for deg or no units): a span
+    of at most 2 pi stored as degrees is radians; a span above 2 pi stored as radians is
+    degrees. Fewer than 3 distinct values are not judged (the minimum is checked later)."""
+    v = np.unique(np.asarray(a, np.float64).ravel())
+    if v.size < 3:
+        return
+    span = float(v[-1] - v[0])
+    u = _attr_str(d.attrs.get("units"))
+    stated = f"units {u!r}" if u and u.strip() else "no units attribute (degrees assumed)"
+    if factor == 1.0 and span <= _RADIAN_SPAN:
+        raise IngestError(
+            f"{path}: dataset {d.name} (input.angle): rotation angles span {v[0]:.6g} .. "
+            f"{v[-1]:.6g} with {stated}: a span of at most 2 pi is radians, not degrees; "
+            f"expected degrees over a tomographic range (about 180 or 360), or units='rad'")
+    if abs(factor - 180.0 / np.pi) < 1e-12 and span > _RADIAN_SPAN:
+        raise IngestError(
+            f"{path}: dataset {d.name} (input.angle): rotation angles span {v[0]:.6g} .. "
+            f"{v[-1]:.6g} with {stated}: more than 2 pi, so these are degrees, not radians; "
+            f"expected radians within 2 pi, or units='deg'")
+
+
+def _read_angles(d: h5py.Dataset, path: Path) -> np.ndarray:
+    """Rotation angles of dataset ``d`` in degrees, their unit checked by their range."""
+    a = _read_numeric(d, path, "angle")
+    f = _unit_factor(d, _ANGLE_UNITS, path, "angle")
+    _check_angle_unit(a, d, path, f)
+    return a * f
+
+
 def _expand_axis(a: np.ndarray, scan_shape: tuple, dim: int | None, path: Path, name: str,
                  field_name: str) -> np.ndarray:
     """Broadcast an axis array onto the flat frame list (C order over scan_shape)."""
@@ -986,6 +1053,10 @@ def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
                     f"(N, H, W) or (n_angle, n_translation, H, W); set input.frames")
             dset, entry, nxdata = found
         name = dset.name
+        if Path(dset.file.filename).resolve() != p.resolve():
+            # reached through an ExternalLink: the reader re-opens the scan file, so it needs
+            # the link's path here (dset.name is the path inside the linked file)
+            name = spec.frames if spec.frames is not None else _seen_path(h5, dset, nxdata)
         if (not np.issubdtype(dset.dtype, np.number) or dset.dtype == np.bool_
                 or np.issubdtype(dset.dtype, np.complexfloating)):
             raise IngestError(f"{p}: dataset {name} (input.frames) has dtype {dset.dtype}; "
@@ -1022,6 +1093,8 @@ def open_nexus(path, spec=None, poni_shape: tuple[int, int] | None = None,
                         f"{p}: no {role} dataset found for frames {name} (looked at NXdata axes "
                         f"and {', '.join(conventional[:4])}, ...); set input.{role}")
                 return None
+            if role == "angle":
+                return _expand_axis(_read_angles(d, p), scan_shape, dims.get(role), p, d.name, role)
             a = _read_numeric(d, p, role)
             f = _unit_factor(d, units, p, role) if units else 1.0
             return _expand_axis(a * f, scan_shape, dims.get(role), p, d.name, role)
@@ -1182,6 +1255,11 @@ def open_image_series(table_path, spec=None, poni_shape: tuple[int, int] | None 
                 wavelength_m=spec.wavelength_m, files=[str(table)] + files,
                 frames_dataset="file", reader=reader)
     if kind == "frames":
+        v = np.unique(arr["angle"])
+        if v.size >= 3 and v[-1] - v[0] <= _RADIAN_SPAN:  # the table's angles are in degrees
+            raise IngestError(f"{table}: column 'angle' (input.angle): rotation angles span "
+                              f"{v[0]:.6g} .. {v[-1]:.6g}: a span of at most 2 pi is radians; "
+                              f"expected degrees over a tomographic range (about 180 or 360)")
         scan.angle, scan.translation, scan.z = arr["angle"], arr["translation"], arr.get("z")
     else:
         scan.map_y, scan.map_x = arr["y"], arr["x"]
@@ -1273,10 +1351,10 @@ def open_sinogram(path, spec=None) -> Scan:
         nx_angle = _nxdata_axis_values(d, "angle", na)
         nx_trans = _nxdata_axis_values(d, "translation", nt)
         if spec.angle is None and nx_angle is not None:
-            angles = _read_numeric(nx_angle, p, "angle").ravel() * _unit_factor(nx_angle, _ANGLE_UNITS, p, "angle")
+            angles = _read_angles(nx_angle, p).ravel()
         elif spec.angle is not None:
             ad = _get_dataset(h5, p, spec.angle, "angle")
-            angles = _read_numeric(ad, p, "angle").ravel() * _unit_factor(ad, _ANGLE_UNITS, p, "angle")
+            angles = _read_angles(ad, p).ravel()
             if angles.size != na:
                 raise IngestError(f"{p}: dataset {ad.name} (input.angle) has {angles.size} values; "
                                   f"expected {na} (angle axis of {name} {d.shape})")
@@ -1326,6 +1404,10 @@ def open_sinogram(path, spec=None) -> Scan:
         metadata = nexus_metadata(_entry_of(h5, d))
         if wavelength is None and radial is not None:
             wavelength = _nexus_wavelength(_entry_of(h5, d))
+        if wavelength is not None and not (1e-12 <= wavelength <= 1e-8):
+            raise IngestError(f"{p}: wavelength {wavelength:g} m of {name} (its wavelength_m "
+                              f"attribute, or input.wavelength_m): outside the X-ray range; "
+                              f"expected 1e-12 .. 1e-08 m")
     finally:
         h5.close()
 
@@ -1569,6 +1651,103 @@ class _H5Array:
 
     def __reduce__(self):
         return (_H5Array, (self.path, self.dataset, self.shape, self.dtype.str))
+
+
+def hdf5_linked_files(path, _seen=None) -> list[tuple[Path, str]]:
+    """Every other file that reading the HDF5 file ``path`` can open: targets of external
+    links, sources of virtual datasets (VDS) and external raw storage, followed into those
+    files in turn.
+
+    Each file is resolved as libhdf5 resolves it: an external link by opening it (the file
+    libhdf5 opened), a VDS source or external storage relative to the linking file's folder
+    (then the working directory) unless absolute. The caller confines them to the data roots
+    and checksums them into the product id (:func:`flows.process.make_request`).
+
+    Parameters
+    ----------
+    path : str or Path
+        An HDF5 file (other files: empty list).
+
+    Returns
+    -------
+    list of (Path, str)
+        Resolved file and how it is reached (``"ExternalLink /entry/data/data ->
+        frames.h5:/data"``), each file once, in the order found.
+
+    Raises
+    ------
+    IngestError
+        A link whose target file does not exist or cannot be opened, a VDS source given as a
+        file-name pattern (``%b``), or the prefix variables ``HDF5_EXT_PREFIX`` /
+        ``HDF5_VDS_PREFIX`` set (libhdf5 would look elsewhere than what is checked).
+    """
+    p = Path(path).resolve()
+    seen = {p} if _seen is None else _seen
+    seen.add(p)
+    if not h5py.is_hdf5(p):
+        return []
+    found: list[tuple[Path, str]] = []
+    direct: list[tuple[Path, str]] = []
+    for var in ("HDF5_EXT_PREFIX", "HDF5_VDS_PREFIX"):
+        if os.environ.get(var):
+            raise IngestError(f"{p}: environment variable {var} is set: libhdf5 would resolve "
+                              f"linked files through it; unset it so that every file the scan "
+                              f"reads is the one checked")
+
+    def near(name: str, via: str, cands: list[Path]) -> Path:
+        for c in cands:
+            if c.is_file():
+                return c.resolve()
+        raise IngestError(f"{p}: {via}: file {name!r} not found (looked at "
+                          f"{', '.join(str(c) for c in cands)}); expected every file the scan "
+                          f"links to to exist")
+
+    def visit(h5, name, link):
+        if isinstance(link, h5py.ExternalLink):
+            via = f"ExternalLink /{name} -> {link.filename}:{link.path}"
+            try:
+                target = Path(h5[name].file.filename).resolve()
+            except (KeyError, OSError) as err:
+                raise IngestError(f"{p}: {via}: cannot open the link's target ({err}); "
+                                  f"expected the linked file and dataset to exist") from None
+            direct.append((target, via))
+            return
+        if isinstance(link, h5py.SoftLink):
+            return
+        try:
+            obj = h5[name]
+        except (KeyError, OSError):
+            return
+        if not isinstance(obj, h5py.Dataset):
+            return
+        if obj.is_virtual:
+            for vs in obj.virtual_sources():
+                if vs.file_name == ".":
+                    continue
+                via = f"virtual dataset /{name} -> source {vs.file_name}:{vs.dset_name}"
+                if "%" in vs.file_name:
+                    raise IngestError(f"{p}: {via}: file-name patterns are refused; expected "
+                                      f"plain source file names")
+                f = Path(vs.file_name)  # libhdf5: relative to the VDS file's folder, then cwd
+                direct.append((near(vs.file_name, via, [f] if f.is_absolute() else
+                                    [p.parent / f, Path.cwd() / f]), via))
+        for ext in obj.external or ():
+            via = f"dataset /{name} -> external storage {ext[0]}"
+            f = Path(ext[0])  # libhdf5 (no efile prefix): relative to the working directory
+            direct.append((near(ext[0], via, [f if f.is_absolute() else Path.cwd() / f]), via))
+
+    with _open_h5(p) as h5:
+        names = []
+        h5.visititems_links(lambda name, link: names.append((name, link)))
+        for name, link in names:  # not inside the callback: h5py cannot raise through it
+            visit(h5, name, link)
+    for f, via in direct:
+        if f in seen:
+            continue
+        seen.add(f)
+        found.append((f, via))
+        found.extend((g, f"{via} -> {v}") for g, v in hdf5_linked_files(f, seen))
+    return found
 
 
 def file_checksum(path, chunk_size: int = 1 << 20) -> str:

@@ -333,9 +333,28 @@ class RadialIntegrator:
         return None if rr is None else (rr[0] * self._unit.scale, rr[1] * self._unit.scale)
 
     def dummies(self, dtype) -> tuple[float | None, float | None]:
-        """The detector's dummy value and tolerance for frames of ``dtype`` (pyFAI
-        ``detector.get_dummies``); (None, None) when the detector has none."""
-        return self.ai.detector.get_dummies(np.dtype(dtype))
+        """The detector's dummy value and tolerance for frames of ``dtype``; (None, None)
+        when the detector has none.
+
+        pyFAI (``detector.get_dummies``) casts the detector's dummy (-2 for Eiger and
+        Pilatus, tolerance 1.5) into the frame dtype: for unsigned integers it wraps around
+        into the counts (uint8: 254 +- 1.5, i.e. real counts 253, 254 and 255 would be
+        dropped as dead pixels). A dummy is only used where it lies outside the counts a
+        pixel can hold: float and signed integer frames keep pyFAI's; unsigned integer
+        frames of 16 bits or more use the type's maximum alone (2**n - 1, tolerance 0.5:
+        the marker Dectris detectors write into gap and invalid pixels, never a count);
+        8-bit frames have none (their gaps are in the detector's static mask)."""
+        dt = np.dtype(dtype)
+        dummy, delta = self.ai.detector.get_dummies(dt)
+        nominal = getattr(self.ai.detector, "dummy", None)
+        if dummy is None or nominal is None or dt.kind not in "iu":
+            return dummy, delta
+        info = np.iinfo(dt)
+        if info.min <= float(nominal) <= info.max:
+            return dummy, delta
+        if dt.itemsize >= 2 and dt.kind == "u":
+            return np.float32(info.max), np.float32(0.5)
+        return None, None
 
     def gpu_bytes(self, frame_dtype, method: str = "mean") -> tuple[int, int]:
         """Device memory of one integration method on cupy frames: (bytes per frame, fixed).

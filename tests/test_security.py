@@ -308,3 +308,74 @@ def test_compose_mounts_raw_data_read_only_and_only_products_writable():
     for var in ("XRDCT_RAW_DIR", "XRDCT_CALIBRATION_DIR", "XRDCT_PRODUCTS_DIR"):
         assert f"# {var}=/data/xrdct/" in example
     assert "XRDCT_DATA_DIR" not in example
+
+# ----------------------------------------------------------------------------- issue 15: linked files
+
+
+def _h5_linking(scan: Path, target: Path, how: str) -> None:
+    import h5py
+    import numpy as np
+
+    rel = os.path.relpath(target, scan.parent)
+    with h5py.File(scan, "w") as h:
+        if how == "external_link":
+            h["/entry/data/data"] = h5py.ExternalLink(rel, "/frames")
+        elif how == "virtual_dataset":
+            layout = h5py.VirtualLayout(shape=(2, 3), dtype="f8")
+            layout[...] = h5py.VirtualSource(rel, "frames", shape=(2, 3))
+            h.create_virtual_dataset("/entry/data/data", layout)
+        else:  # external raw storage, relative to the working directory (libhdf5's default)
+            h.create_dataset("/entry/data/data", shape=(6,), dtype="f8",
+                             external=[(str(target), 0, 48)])
+    if how != "external_storage" and not target.exists():
+        with h5py.File(target, "w") as g:
+            g["frames"] = np.arange(6.0).reshape(2, 3)
+    elif how == "external_storage" and not target.exists():
+        target.write_bytes(np.arange(6.0).tobytes())
+
+
+@pytest.mark.parametrize("how", ["external_link", "virtual_dataset", "external_storage"])
+def test_make_request_confines_files_an_hdf5_scan_links_to(roots, how):
+    raw, prod, outside = roots
+    scan, poni = _inputs(raw)
+    _h5_linking(scan, outside / ("frames.bin" if how == "external_storage" else "frames.h5"), how)
+    with pytest.raises(PathNotAllowedError) as e:
+        make_request(scan, "default", poni, prod)
+    msg = str(e.value)
+    assert msg.startswith(f"scan: {scan}: ") and str(outside) in msg and "outside the data roots" in msg
+
+
+def test_links_are_followed_into_the_linked_files(roots):
+    """scan -> (ExternalLink, inside the roots) -> hop.h5 -> (VDS) -> outside: refused."""
+    raw, prod, outside = roots
+    scan, poni = _inputs(raw)
+    _h5_linking(scan, raw / "hop.h5", "external_link")
+    _h5_linking(raw / "hop.h5", outside / "frames.h5", "virtual_dataset")
+    import h5py
+
+    with h5py.File(raw / "hop.h5", "a") as h:  # the link's target dataset, beside the VDS
+        h["frames"] = h["/entry/data/data"][()]
+    with pytest.raises(PathNotAllowedError) as e:
+        make_request(scan, "default", poni, prod)
+    msg = str(e.value)
+    assert "ExternalLink /entry/data/data -> hop.h5:/frames -> virtual dataset" in msg
+    assert str(outside / "frames.h5") in msg
+
+
+def test_linked_files_are_part_of_the_product_id_and_must_exist(tmp_path, monkeypatch):
+    import h5py
+
+    from tasks.ingest import IngestError
+
+    monkeypatch.delenv(ENV, raising=False)
+    scan, poni = _inputs(tmp_path)
+    _h5_linking(scan, tmp_path / "frames.h5", "virtual_dataset")
+    first = make_request(scan, "default", poni, tmp_path / "out")
+    assert any(k.endswith(str(tmp_path / "frames.h5")) for k in first.inputs)
+    with h5py.File(tmp_path / "frames.h5", "r+") as g:
+        g["frames"][0, 0] = 42.0
+    assert make_request(scan, "default", poni, tmp_path / "out").product_id != first.product_id
+    (tmp_path / "frames.h5").unlink()  # a VDS with a missing source reads as fill values
+    with pytest.raises(IngestError) as e:
+        make_request(scan, "default", poni, tmp_path / "out")
+    assert str(scan) in str(e.value) and "frames.h5" in str(e.value) and "not found" in str(e.value)
