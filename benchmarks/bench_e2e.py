@@ -118,6 +118,7 @@ def _orient(a):
 
 
 def _corr(a, b, m):
+    m = m & np.isfinite(a) & np.isfinite(b)  # the product leaves voxels outside the sample NaN
     a, b = a[m], b[m]
     return float(np.corrcoef(a, b)[0, 1])
 
@@ -129,8 +130,10 @@ def agreement(product: Path, script_npz: Path, scan: Path) -> str:
     with h5py.File(scan, "r") as h:
         truth = h["entry/ground_truth/scale"][()]  # (phase, y, x)
         names = [s.decode() if isinstance(s, bytes) else str(s) for s in h["entry/ground_truth/phase_names"][()]]
-    ds = xr.open_zarr(product)
-    ours = ds["scale"].isel(z=0).sel(phase=names).values  # (phase, y, x)
+        gx, gy = h["entry/ground_truth/x"][()], h["entry/ground_truth/y"][()]
+    ds = xr.open_zarr(product, consolidated=False)
+    # the product's grid is padded for the centre correction: take the truth's pixels (mm)
+    ours = ds["scale"].isel(z=0).sel(phase=names).sel(y=gy, x=gx, method="nearest").values
     sc = np.load(script_npz)
     theirs = sc["scale"]
     n = truth.shape[1]
@@ -145,8 +148,9 @@ def agreement(product: Path, script_npz: Path, scan: Path) -> str:
     c_ours = [_corr(ours[k], truth[k], m) for k in range(len(names))]
     c_th = [_corr(theirs[k], truth[k], m) for k in range(len(names))]
     c_x = [_corr(ours[k], theirs[k], m) for k in range(len(names))]
-    return (f"corr with truth, xrdct min {min(c_ours):.3f} / script min {min(c_th):.3f}; "
-            f"xrdct vs script min {min(c_x):.3f} (script axes {best})")
+    f = lambda c: "/".join(f"{v:.3f}" for v in c)  # noqa: E731
+    return (f"phase scale maps ({'/'.join(names)}) correlated with the truth: xrdct {f(c_ours)}, "
+            f"script {f(c_th)}; xrdct with script {f(c_x)} (script image axes: {best})")
 
 
 def main(argv=None):
