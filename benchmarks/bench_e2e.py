@@ -38,6 +38,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,6 +183,7 @@ def main(argv=None):
                 if not on:
                     continue
                 out = work / f"out_{frames}_{name}_{rep}"
+                shutil.rmtree(out, ignore_errors=True)  # a product left there would be returned as is
                 if name == "script":
                     out.mkdir(exist_ok=True)
                     cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_script.py"), str(scan), str(poni),
