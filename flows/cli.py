@@ -73,6 +73,10 @@ def _run_flow(scan, poni, pipeline, out, dask_address, workers, use_prefect=True
     from flows.process import get_flow, run_pipeline
 
     if use_prefect:
+        from flows.warm import import_science_stack, prefect_api_started_meanwhile
+
+        with prefect_api_started_meanwhile():  # the ephemeral API boots while we import
+            import_science_stack()
         flow = get_flow()
         return flow(scan=str(scan), poni=str(poni) if poni else None, pipeline=str(pipeline),
                     out=str(out), dask_address=dask_address, n_workers=workers, backend=backend,

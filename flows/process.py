@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -1273,6 +1274,8 @@ def _summary_artifact(req: Request, final: Path) -> None:
 
 
 def _flow_run_id() -> str | None:
+    if "prefect" not in sys.modules:  # no flow runs in a process that never imported Prefect:
+        return None  # importing prefect.runtime to find that out costs ~1-3 s (--no-prefect)
     try:
         from prefect.runtime import flow_run
 
@@ -1675,6 +1678,8 @@ def _log_info(msg: str) -> None:
     import logging
 
     try:
+        if "prefect" not in sys.modules:  # not inside a flow run; don't import Prefect
+            raise LookupError
         from prefect import get_run_logger
 
         get_run_logger().info(msg)

@@ -161,6 +161,11 @@ class Phase:
         return self.cell_mass_amu * 1.66053906660 / self.volume_A3
 
 
+#: parsed CIF structures by (resolved path, mtime ns, size): a run checks its phases before
+#: work starts and reads them again in the mapping stage; pymatgen parses a CIF in 30-130 ms
+_PARSED: dict[tuple[str, int, int], list] = {}
+
+
 def load_phase(name: str, cif_path: str | Path) -> Phase:
     """Read a phase from a CIF file with pymatgen.
 
@@ -181,6 +186,11 @@ def load_phase(name: str, cif_path: str | Path) -> Phase:
         The file does not exist or is not a file; pymatgen cannot parse it; it holds no
         structure; or it holds species without X-ray form factors (e.g. dummy species).
         The message names the file and the phase.
+
+    Notes
+    -----
+    A file is parsed once per process while its path, modification time and size stay
+    the same (the parsed structure is shared; every call returns a new ``Phase``).
     """
     from pymatgen.analysis.diffraction.xrd import ATOMIC_SCATTERING_PARAMS
     from pymatgen.io.cif import CifParser
@@ -189,16 +199,21 @@ def load_phase(name: str, cif_path: str | Path) -> Phase:
     if not path.is_file():
         what = "is a directory, not a CIF file" if path.is_dir() else "not found"
         raise PhaseError(f"{path}: CIF file for phase {name!r} {what}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            structures = CifParser(path).parse_structures(primitive=False, on_error="raise")
-        except Exception as err:  # pymatgen raises ValueError, KeyError, IndexError, ...
-            notes = "; ".join(str(w.message) for w in caught)[:300]
-            raise PhaseError(
-                f"{path}: malformed CIF for phase {name!r}: pymatgen could not parse a "
-                f"structure ({type(err).__name__}: {err})" + (f" [{notes}]" if notes else "")
-            ) from None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    structures = _PARSED.get(key)
+    if structures is None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                structures = CifParser(path).parse_structures(primitive=False, on_error="raise")
+            except Exception as err:  # pymatgen raises ValueError, KeyError, IndexError, ...
+                notes = "; ".join(str(w.message) for w in caught)[:300]
+                raise PhaseError(
+                    f"{path}: malformed CIF for phase {name!r}: pymatgen could not parse a "
+                    f"structure ({type(err).__name__}: {err})" + (f" [{notes}]" if notes else "")
+                ) from None
+        _PARSED[key] = structures
     if not structures:
         raise PhaseError(f"{path}: CIF for phase {name!r} holds no crystal structure "
                          "(no cell and atom sites found)")

@@ -305,3 +305,32 @@ def test_prefect_cache_keys_come_from_the_product_hash(small_scan, tmp_path):
     other = make_request(small_scan.nexus_path, "default", small_scan.poni_path, tmp_path)
     other.work_token = "t0"
     assert process.stage_cache_key("integrate")(None, {"req": other}) != key
+
+
+_NO_PREFECT = """
+import sys
+from flows.cli import main
+rc = main(sys.argv[1:])
+print("PREFECT_MODULES", sorted(m for m in sys.modules if m == "prefect" or m.startswith("prefect.")))
+sys.exit(rc)
+"""
+
+
+def test_no_prefect_run_never_imports_prefect(small_scan, tmp_path):
+    """``xrdct process --no-prefect`` publishes a product, its run record and catalog row
+    without importing Prefect (importing ``prefect.runtime`` to learn that no flow run is
+    active cost 1-3 s of every run)."""
+    from flows.process import run_record
+
+    script = tmp_path / "np.py"
+    script.write_text(_NO_PREFECT)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(script), "process", str(small_scan.nexus_path), "--poni",
+                        str(small_scan.poni_path), "--pipeline", "default", "--out", str(out),
+                        "--no-prefect"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "PREFECT_MODULES []" in r.stdout, r.stdout[-2000:]
+    (product,) = out.glob("*.zarr")
+    rec = run_record(product)
+    assert rec["flow_run_id"] is None and rec["wall_time_s"] > 0
+    assert [p.location for p in Catalog.for_products(out).products()] == [str(product)]

@@ -513,3 +513,34 @@ def test_real_battery_pattern_fit(phases):
     # at 0.1746 A nothing indexes: the fit is no better than the background alone
     refs_bad = reference_patterns(ph, x, "2th_deg", LAM_0, BATTERY_PROFILE)
     assert float(fit_scales(y, refs_bad, 6, radial=x).rwp) > 0.97 * bkg_only
+
+
+def test_load_phase_parses_a_cif_once_until_the_file_changes(tmp_path, monkeypatch):
+    """A run checks its phases before work starts and loads them again for mapping: the
+    second load reuses the parsed structure; a rewritten file is parsed again."""
+    import os
+
+    import pymatgen.io.cif as pcif
+
+    from pipelines.spec import PHASES_DIR
+    from tasks.rietveld import load_phase
+
+    calls = []
+
+    class Counting(pcif.CifParser):
+        def __init__(self, *a, **k):
+            calls.append(a[0])
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(pcif, "CifParser", Counting)
+    p = tmp_path / "phase.cif"
+    p.write_text((PHASES_DIR / "NiO.cif").read_text())
+    a, b = load_phase("NiO", p), load_phase("NiO", p)
+    assert len(calls) == 1 and a is not b and a._cache is not b._cache
+    assert (a.lattice_parameters, a.zmv, a.formula) == (b.lattice_parameters, b.zmv, b.formula)
+    assert a.formula == "NiO" and abs(a.a - 4.177) < 0.01
+    mtime = p.stat().st_mtime_ns
+    p.write_text((PHASES_DIR / "Ni.cif").read_text())
+    os.utime(p, ns=(mtime + 10**9, mtime + 10**9))
+    c = load_phase("Ni", p)
+    assert len(calls) == 2 and c.formula == "Ni" and abs(c.a - 3.524) < 0.01
