@@ -317,6 +317,7 @@ class Stopped(BaseException):
 
 
 _stop = {"signum": None, "out": None, "said": False}
+_exiting = __import__("threading").Lock()
 
 
 def _stop_message(signum: int) -> str:
@@ -353,6 +354,9 @@ def _exit_stopped(signum: int) -> None:
     handlers that would talk to a Prefect API that is gone."""
     from flows.process import HELD_LOCKS
 
+    if not _exiting.acquire(blocking=False):  # the grace timer and the main thread at once
+        while True:
+            time.sleep(1)  # the other one exits the process
     _end_children()
     for lock in list(HELD_LOCKS):
         with contextlib.suppress(OSError):
@@ -587,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     _quiet()
     if args.cmd in ("process", "demo"):
-        _install_stop_handlers(args.out)
+        _install_stop_handlers(args.out if args.cmd == "process" else Path(args.out) / "products")
     from catalog.db import CatalogError
     from flows.process import ProcessingError
 

@@ -1442,7 +1442,10 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
 
     ``stages`` maps stage names to callables (Prefect tasks inside the flow; the
     :func:`resumable` ``stage_*`` functions otherwise). An already-published product is
-    returned as is; a request for a product another run is making waits for it
+    returned as is once the catalog has its row; one published without it (a run killed
+    between the rename and the catalog write, a catalog locked or corrupt then) gets the row
+    from its own attrs first (:func:`register_product_store`); a request for a product
+    another run is making waits for it
     (:func:`product_lock`); a request whose earlier attempt died resumes after the last
     stage that attempt finished. ``backend`` (``cpu``, ``gpu``, ``auto``) overrides the
     spec's ``backend`` (it is part of the spec, hence of the product id); ``gpu`` without a
@@ -1463,6 +1466,21 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
       stage that finished (:func:`open_work`, :func:`resumable`).
 
     Nothing is published by a failed request in either case: publishing is the last step.
+    The catalog is opened before any work, so a catalog that is locked past
+    ``XRDCT_CATALOG_TIMEOUT_S``, corrupt or read-only fails the request first
+    (:class:`catalog.db.CatalogError`); if it fails only at publishing, the product stays
+    published and the next request adds its row. The product's lock file is removed when
+    the request ends, whatever the outcome.
+
+    Raises
+    ------
+    OutputError
+        ``out`` is a file or not writable.
+    catalog.db.CatalogError
+        The catalog cannot be used.
+    ClusterUnreachableError
+        The Dask scheduler at ``dask_address`` did not answer within
+        ``XRDCT_DASK_CONNECT_TIMEOUT_S`` seconds (10).
     """
     if backend is not None:
         from tasks._xp import BACKENDS
