@@ -225,6 +225,14 @@ def catalog_error(url: str, err: BaseException) -> CatalogError:
     return CatalogError(f"catalog {where}: {text}")
 
 
+def _unusable(err: BaseException) -> bool:
+    """Whether a database error means the catalog cannot be used (locked, not a database,
+    read-only, cannot be opened), as opposed to a constraint a retry resolves."""
+    from sqlalchemy.exc import DatabaseError, OperationalError
+
+    return isinstance(err, OperationalError) or type(err) is DatabaseError
+
+
 def _sqlite_pragmas(dbapi_conn) -> None:
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s() * 1000)}")
@@ -282,6 +290,8 @@ def upgrade(url: str) -> None:
                                   "0003" if "instrument_profiles" not in tables else "0004")
             command.upgrade(cfg, "head")
     except DBAPIError as err:
+        if not _unusable(err):
+            raise
         raise catalog_error(url, err) from None
     finally:
         engine.dispose()
@@ -342,9 +352,7 @@ class Catalog:
 
         @event.listens_for(self.engine, "handle_error")
         def _one_line(ctx):  # locked, corrupt, read-only: one CatalogError naming the file
-            from sqlalchemy.exc import DBAPIError
-
-            if isinstance(ctx.sqlalchemy_exception, DBAPIError):
+            if _unusable(ctx.sqlalchemy_exception):
                 raise catalog_error(url, ctx.original_exception) from None
 
         if self.readonly:
