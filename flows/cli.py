@@ -324,9 +324,9 @@ def _stop_message(signum: int) -> str:
     import signal
 
     work = f" in {Path(_stop['out']) / '.work'}" if _stop["out"] else ""
-    return (f"stopped: {signal.Signals(signum).name} received; the run's processes were stopped "
-            f"and nothing was published; finished stages are kept{work} and the same command "
-            f"resumes them")
+    return (f"stopped: {signal.Signals(signum).name} received; the run's processes were stopped; "
+            f"finished stages are kept{work} and the same command resumes them (no stage starts "
+            f"and nothing is published after the signal)")
 
 
 def _end_children(timeout: float = 3.0) -> None:
@@ -378,6 +378,9 @@ def _begin_stop(signum: int) -> None:
     if _stop["signum"] is not None:
         return
     _stop["signum"] = signum
+    from flows.process import STOP_REQUESTED
+
+    STOP_REQUESTED.set()  # no stage starts, nothing is published from now on
     logging.disable(logging.CRITICAL)
     with contextlib.suppress(OSError):
         sys.stderr.flush()
@@ -596,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.process import ProcessingError
 
     try:
-        return args.fn(args)
+        rc = args.fn(args)
     except (Stopped, KeyboardInterrupt) as stop:
         import signal
 
@@ -605,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         _exit_stopped(signum)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
             CatalogError, ProcessingError) as err:
+        if _stop["signum"] is not None:  # the stop surfaced as the flow's failure
+            _exit_stopped(_stop["signum"])
         from rich.markup import escape
 
         # escaped: messages name fields like mapping.phases[1].cif; not wrapped: paths
@@ -612,6 +617,13 @@ def main(argv: list[str] | None = None) -> int:
         # missing or unwritable file) exits 2; a catalog or cluster that cannot be used, 1.
         _console().print(f"[red]error:[/red] {escape(' '.join(str(err).splitlines()))}", soft_wrap=True)
         return 1 if isinstance(err, (CatalogError, ProcessingError)) else 2
+    except BaseException:
+        if _stop["signum"] is not None:
+            _exit_stopped(_stop["signum"])
+        raise
+    if _stop["signum"] is not None:  # a signal the flow's machinery swallowed
+        _exit_stopped(_stop["signum"])
+    return rc
 
 
 if __name__ == "__main__":

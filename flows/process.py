@@ -1315,6 +1315,9 @@ def _build_flow():
 #: Lock files this process holds now (:func:`product_lock`); the CLI's stop on a signal
 #: removes them before it exits.
 HELD_LOCKS: set[str] = set()
+#: Set when the process was asked to stop (the CLI's SIGTERM / SIGINT handler): no stage
+#: starts and nothing is published after it, whichever thread runs the flow.
+STOP_REQUESTED = __import__("threading").Event()
 
 
 @contextlib.contextmanager
@@ -1511,6 +1514,9 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
         info = {}
 
         def run(name, *args):
+            if STOP_REQUESTED.is_set():
+                raise ProcessingError(f"product {req.product_id}: stopped before stage {name} (a "
+                                      f"stop was requested); the work store is kept for a resume")
             try:
                 out = stages[name](req, *args)
                 if name in done:  # finished by an earlier attempt (work-store record or Prefect cache)
