@@ -170,9 +170,72 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+class CatalogError(RuntimeError):
+    """The catalog cannot be used: locked by another process past the timeout, not a
+    database, read-only, or unreachable. The message names the catalog (its file for SQLite)
+    and the cause, on one line."""
+
+
+#: Environment variable: seconds a catalog write waits for a lock another process holds
+#: (SQLite ``busy_timeout``) before failing with :class:`CatalogError`; default 30.
+TIMEOUT_ENV = "XRDCT_CATALOG_TIMEOUT_S"
+
+
+def busy_timeout_s() -> float:
+    """Seconds a write waits for a locked SQLite catalog (``XRDCT_CATALOG_TIMEOUT_S``, 30)."""
+    raw = os.environ.get(TIMEOUT_ENV, "30")
+    try:
+        t = float(raw)
+    except ValueError:
+        t = -1.0
+    if not 0 <= t <= 86400:
+        raise CatalogError(f"{TIMEOUT_ENV}={raw!r}: expected seconds between 0 and 86400")
+    return t
+
+
+def catalog_location(url: str) -> str:
+    """The file of an SQLite catalog URL, else the URL without its password."""
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1].split("?", 1)[0]
+        return path[len("file:"):] if path.startswith("file:") else path
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses
+        return url
+
+
+def catalog_error(url: str, err: BaseException) -> CatalogError:
+    """A one-line :class:`CatalogError` for a database error ``err`` on the catalog ``url``."""
+    where = catalog_location(url)
+    orig = getattr(err, "orig", None) or err
+    text = " ".join(str(orig).split())
+    low = text.lower()
+    if "locked" in low or "busy" in low:
+        return CatalogError(f"catalog {where} is locked by another process: gave up after "
+                            f"{busy_timeout_s():g} s ({TIMEOUT_ENV})")
+    if "not a database" in low or "malformed" in low:
+        return CatalogError(f"catalog {where} is not a usable SQLite database ({text}); move it "
+                            f"aside or restore it, then register products with 'xrdct catalog add "
+                            f"<product>.zarr'")
+    if "readonly" in low or "read-only" in low or "unable to open" in low:
+        return CatalogError(f"catalog {where} cannot be written ({text}): the file or its folder "
+                            f"is read-only")
+    return CatalogError(f"catalog {where}: {text}")
+
+
+def _unusable(err: BaseException) -> bool:
+    """Whether a database error means the catalog cannot be used (locked, not a database,
+    read-only, cannot be opened), as opposed to a constraint a retry resolves."""
+    from sqlalchemy.exc import DatabaseError, OperationalError
+
+    return isinstance(err, OperationalError) or type(err) is DatabaseError
+
+
 def _sqlite_pragmas(dbapi_conn) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s() * 1000)}")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.close()
 
@@ -206,6 +269,8 @@ def upgrade(url: str) -> None:
         def _begin(conn):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     head = head_revision()
+    from sqlalchemy.exc import DBAPIError
+
     try:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
@@ -224,6 +289,10 @@ def upgrade(url: str) -> None:
                                   "0002" if "models" not in tables else
                                   "0003" if "instrument_profiles" not in tables else "0004")
             command.upgrade(cfg, "head")
+    except DBAPIError as err:
+        if not _unusable(err):
+            raise
+        raise catalog_error(url, err) from None
     finally:
         engine.dispose()
 
@@ -246,19 +315,55 @@ class Catalog:
     Parameters
     ----------
     url : str
-        SQLAlchemy URL; ``sqlite:///path`` (WAL mode, 30 s busy timeout, created on first
-        use) or ``postgresql+psycopg://...``. The schema is brought to the newest Alembic
-        revision (:func:`upgrade`) on opening.
+        SQLAlchemy URL; ``sqlite:///path`` (WAL mode, busy timeout ``XRDCT_CATALOG_TIMEOUT_S``
+        seconds, 30 by default, created on first use) or ``postgresql+psycopg://...``. The
+        schema is brought to the newest Alembic revision (:func:`upgrade`) on opening.
+    readonly : bool
+        For reading only: an SQLite catalog whose file or folder this process cannot write is
+        opened read-only (not migrated; no WAL files made). Writes then fail.
+
+    Raises
+    ------
+    CatalogError
+        On opening or on any later call: the catalog is locked past the timeout, is not a
+        database, cannot be written, or (read-only) is at an older schema revision. One
+        line naming the catalog file.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, readonly: bool = False):
         self.url = url
-        upgrade(url)
-        self.engine = create_engine(url, future=True)
-        if url.startswith("sqlite"):
-            @event.listens_for(self.engine, "connect")
-            def _wal(dbapi_conn, _rec):
-                _sqlite_pragmas(dbapi_conn)
+        db = Path(catalog_location(url)) if url.startswith("sqlite") else None
+        # reading a catalog in a folder this process cannot write (an archive, another
+        # user's products): opened read-only, not migrated, no WAL files created
+        self.readonly = bool(readonly and db is not None and db.is_file()
+                             and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)))
+        if self.readonly:
+            wal = db.with_name(db.name + "-wal")
+            mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+            self.engine = create_engine(f"sqlite:///file:{db}?{mode}&uri=true", future=True,
+                                        poolclass=pool.NullPool)
+        else:
+            upgrade(url)
+            self.engine = create_engine(url, future=True)
+            if url.startswith("sqlite"):
+                @event.listens_for(self.engine, "connect")
+                def _wal(dbapi_conn, _rec):
+                    _sqlite_pragmas(dbapi_conn)
+
+        @event.listens_for(self.engine, "handle_error")
+        def _one_line(ctx):  # locked, corrupt, read-only: one CatalogError naming the file
+            if _unusable(ctx.sqlalchemy_exception):
+                raise catalog_error(url, ctx.original_exception) from None
+
+        if self.readonly:
+            from sqlalchemy import text
+
+            with self.engine.connect() as conn:
+                rev = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            if rev != head_revision():
+                raise CatalogError(f"catalog {db} is read-only and at schema revision {rev}; this "
+                                   f"code reads {head_revision()}: open it once where it can be "
+                                   f"written to migrate it")
 
     @staticmethod
     def resolve_url(url: str | None = None, out_dir: str | Path = "xrdct-out") -> str:
@@ -376,22 +481,31 @@ class Catalog:
                          scan_checksum: str, scan_kind: str, geometry: dict, poni: str | None,
                          calibration: dict, pipeline_name: str, spec: dict, code_version: str,
                          inputs: dict, timings: dict, wall_time_s: float | None,
-                         flow_run_id: str | None = None, metadata: dict | None = None) -> None:
+                         flow_run_id: str | None = None, metadata: dict | None = None,
+                         if_absent: bool = False) -> bool:
         """Record a published product, its scan (with ``metadata`` as for
-        :meth:`register_scan`), calibration, pipeline version and run."""
+        :meth:`register_scan`), calibration, pipeline version and run.
+
+        With ``if_absent`` nothing is written when the product has a row already (repairing
+        a catalog that missed a product: the run is recorded once). Returns whether the
+        product row was added."""
         def write(s):
+            known = s.get(Product, product_id) is not None
+            if known and if_absent:
+                return False
             scan, _ = self._scan(s, scan_path, scan_checksum, scan_kind, geometry, metadata)
             cal = self._get_or_add(s, Calibration, {"key": _key(calibration)}, poni_path=poni,
                                    checksums=calibration)
             pv = self._get_or_add(s, PipelineVersion, {"key": _key([spec, code_version])},
                                   name=pipeline_name, spec=spec, code_version=code_version)
-            if s.get(Product, product_id) is None:
+            if not known:
                 s.add(Product(id=product_id, location=location, scan_id=scan.id,
                               calibration_id=cal.id, pipeline_version_id=pv.id, inputs=inputs))
             s.add(Run(flow_run_id=flow_run_id, product_id=product_id, status="Completed",
                       wall_time_s=wall_time_s, timings=timings))
+            return not known
 
-        self._transaction(write)
+        return self._transaction(write)
 
     def products(self) -> list[Product]:
         """Every product, oldest first, with ``scan`` and ``pipeline_version`` loaded."""

@@ -9,6 +9,7 @@ summary table (product path, stage timings, fit quality).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -135,10 +136,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _open_catalog(args):
+def _open_catalog(args, readonly: bool = False):
+    """The catalog of ``--url`` / ``--out``; ``readonly``: for listing (a catalog in a folder
+    this process cannot write is opened read-only)."""
     from catalog.db import Catalog
 
-    return Catalog(Catalog.resolve_url(args.url, args.out))
+    return Catalog(Catalog.resolve_url(args.url, args.out), readonly=readonly)
 
 
 def _wide_console():
@@ -163,7 +166,7 @@ def cmd_catalog_list(args) -> int:
     """Table of the catalog's products: id, scan path, pipeline name, created."""
     from rich.table import Table
 
-    cat = _open_catalog(args)
+    cat = _open_catalog(args, readonly=True)
     rows = [p for p in cat.products()
             if (not args.proposal or _experiment(p.scan)[0] == args.proposal)
             and (not args.sample or _experiment(p.scan)[1] == args.sample)]
@@ -187,7 +190,7 @@ def cmd_catalog_profiles(args) -> int:
 
     from tasks.ingest import file_checksum
 
-    cat = _open_catalog(args)
+    cat = _open_catalog(args, readonly=True)
     try:
         rows = cat.instrument_profiles(file_checksum(args.poni) if args.poni else None)
     finally:
@@ -215,7 +218,7 @@ def cmd_catalog_show(args) -> int:
 
     from rich.table import Table
 
-    cat = _open_catalog(args)
+    cat = _open_catalog(args, readonly=True)
     p = cat.product(args.product_id)
     if p is None:
         cat.dispose()
@@ -251,24 +254,245 @@ def cmd_catalog_show(args) -> int:
     return 0
 
 
+def _product_stores(paths, recursive: bool) -> tuple[list[Path], list[str]]:
+    """Split ``paths`` into published product stores (``<id>.zarr`` folders with a
+    ``zarr.json``, given or found in a given folder) and the rest (scans, folders of scans)."""
+    stores, rest = [], []
+    for a in paths:
+        p = Path(a)
+        if p.suffix == ".zarr" and (p / "zarr.json").is_file():
+            stores.append(p)
+            continue
+        rest.append(a)
+        if p.is_dir():
+            found = p.rglob("*.zarr") if recursive else p.glob("*.zarr")
+            stores += sorted(z for z in found if (z / "zarr.json").is_file()
+                             and not any(part.startswith(".") for part in z.relative_to(p).parts))
+    return stores, rest
+
+
 def cmd_catalog_add(args) -> int:
-    """Register scan files, or every scan of a directory; report what was skipped and why."""
-    from catalog.scans import add_scans
+    """Register scan files, or every scan of a directory, and published product stores
+    (``<id>.zarr``, given or found in a directory: a product published without its catalog
+    row gets it from its own attrs); report what was skipped and why."""
+    from catalog.scans import AddReport, add_scans
+    from flows.process import register_product_store
 
     console = _wide_console()
     cat = _open_catalog(args)
-    rep = add_scans(cat, args.paths, recursive=args.recursive, proposal=args.proposal,
-                    sample=args.sample)
+    stores, rest = _product_stores(args.paths, args.recursive)
+    n_new = 0
+    for z in stores:
+        try:
+            new = register_product_store(z, catalog=cat, if_absent=True)
+        except ValueError as err:
+            console.print(f"skipped {z}: {err}", highlight=False)
+            continue
+        n_new += bool(new)
+        console.print(f"{'added  ' if new else 'known  '} product {z.resolve()}", highlight=False)
+    rep = (add_scans(cat, rest, recursive=args.recursive, proposal=args.proposal,
+                     sample=args.sample) if rest else AddReport())
     for sid, path in rep.added:
         console.print(f"added   scan #{sid} {path}", highlight=False)
     for sid, path in rep.known:
         console.print(f"known   scan #{sid} {path}", highlight=False)
     for path, why in rep.skipped:
         console.print(f"skipped {path}: {why}", highlight=False)
-    console.print(f"{len(rep.added)} added, {len(rep.known)} already registered, "
+    products = f"{n_new} of {len(stores)} product(s) added; " if stores else ""
+    console.print(f"{products}{len(rep.added)} added, {len(rep.known)} already registered, "
                   f"{len(rep.skipped)} skipped (catalog {cat.url})", highlight=False)
     cat.dispose()
     return 0
+
+
+# ----------------------------------------------------------------------------- clean stops
+
+#: Seconds a run stopped by SIGTERM / SIGINT has to unwind (close its Dask cluster, let
+#: Prefect record the crash) before its child processes are killed and it exits anyway.
+STOP_GRACE_ENV = "XRDCT_STOP_GRACE_S"
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT asked the run to stop (raised in the main thread by the handler)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_stop = {"signum": None, "out": None, "said": False}
+_exiting = __import__("threading").Lock()
+
+
+def _stop_message(signum: int) -> str:
+    import signal
+
+    work = f" in {Path(_stop['out']) / '.work'}" if _stop["out"] else ""
+    return (f"stopped: {signal.Signals(signum).name} received; the run's processes were stopped; "
+            f"finished stages are kept{work} and the same command resumes them (no stage starts "
+            f"and nothing is published after the signal)")
+
+
+def _end_children(timeout: float = 3.0) -> None:
+    """Terminate every process this one started (Prefect's API server, Dask workers and
+    nannies), then kill what is left after ``timeout`` seconds."""
+    import psutil
+
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for k in kids:
+        with contextlib.suppress(psutil.Error):
+            k.terminate()
+    _, alive = psutil.wait_procs(kids, timeout=timeout)
+    for k in alive:
+        with contextlib.suppress(psutil.Error):
+            k.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def _exit_stopped(signum: int) -> None:
+    """Stop the children, drop the product locks this process holds, say one line and
+    exit with 128 + the signal number (130 for SIGINT, 143 for SIGTERM), skipping exit
+    handlers that would talk to a Prefect API that is gone."""
+    from flows.process import HELD_LOCKS
+
+    if not _exiting.acquire(blocking=False):  # the grace timer and the main thread at once
+        while True:
+            time.sleep(1)  # the other one exits the process
+    _end_children()
+    for lock in list(HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # still held by this process until it exits
+    if not _stop["said"]:
+        _stop["said"] = True
+        sys.stdout.write(_stop_message(signum) + "\n")
+    sys.stdout.flush()
+    os._exit(128 + signum)
+
+
+def _begin_stop(signum: int) -> None:
+    """First signal: silence logging and stderr (Prefect's crash report, Dask's closing
+    chatter, tracebacks of threads cut short) and give the run ``XRDCT_STOP_GRACE_S``
+    seconds (5) to unwind before :func:`_exit_stopped` ends it anyway."""
+    import logging
+    import threading
+
+    if _stop["signum"] is not None:
+        return
+    _stop["signum"] = signum
+    from flows.process import STOP_REQUESTED
+
+    STOP_REQUESTED.set()  # no stage starts, nothing is published from now on
+    logging.disable(logging.CRITICAL)
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    grace = float(os.environ.get(STOP_GRACE_ENV, "5"))
+    t = threading.Timer(grace, _exit_stopped, args=(signum,))
+    t.daemon = True
+    t.start()
+
+
+def _on_signal(signum, _frame):
+    if _stop["signum"] is not None:  # a second signal: stop now
+        _exit_stopped(_stop["signum"])
+    _begin_stop(signum)
+    raise Stopped(signum)
+
+
+def _install_stop_handlers(out) -> None:
+    """SIGTERM and SIGINT end a run within seconds: the handler raises :class:`Stopped` in
+    the main thread (the Dask cluster closes, the product lock is released, the work store
+    is kept for a resume), and :func:`_exit_stopped` ends every child process and exits
+    130 / 143 with one line. Prefect replaces the SIGTERM handler while a flow runs (to
+    record the crash, then it calls ours); its bridge is wrapped so the grace timer starts
+    at once even then."""
+    import signal
+
+    _stop["out"] = out
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        import prefect.utilities.engine as engine
+
+        bridge = engine._prefect_sigterm_handler
+        if not getattr(bridge, "_xrdct", False):
+            def wrapped(sig, *a):
+                _begin_stop(sig)
+                return bridge(sig, *a)
+
+            wrapped._xrdct = True
+            engine._prefect_sigterm_handler = wrapped
+    except (ImportError, AttributeError):  # another Prefect: its bridge calls ours after
+        pass
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
+def _seed(text: str) -> int:
+    """argparse type: an integer >= 0 (a random seed)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
+    return v
+
+
+def _nonempty(text: str) -> str:
+    """argparse type: a non-blank string (path, name)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return text
+
+
+_ADDRESS = r"^(?:(?:tcp|tls|ucx|ws|wss|inproc)://)?\[?[A-Za-z0-9_.:-]*[A-Za-z0-9]\]?:(\d{1,5})$"
+
+
+def _scheduler_address(text: str) -> str:
+    """argparse type: a Dask scheduler address ``[tcp://]host:port``."""
+    import re
+
+    m = re.match(_ADDRESS, text.strip())
+    if not m or not 1 <= int(m.group(1)) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a Dask scheduler address such as "
+                                         f"tcp://host:8786, got {text!r}")
+    return text.strip()
+
+
+def _cluster(text: str) -> str:
+    """argparse type: ``local``, ``cuda`` or a scheduler address."""
+    if text.strip() in ("local", "cuda"):
+        return text.strip()
+    try:
+        return _scheduler_address(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'local', 'cuda' or a Dask scheduler address "
+                                         f"such as tcp://host:8786, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2): the message names the option and what it
+    expects; the usage block is left to ``-h``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
 def _quiet() -> None:
@@ -288,42 +512,44 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xrdct", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="xrdct", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     def common(p):
-        p.add_argument("--dask-address", default=None, help="attach to this Dask scheduler "
-                       "instead of starting a LocalCluster")
-        p.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes "
-                       "(default: one threaded worker using every core)")
+        p.add_argument("--dask-address", default=None, type=_scheduler_address,
+                       help="attach to this Dask scheduler (tcp://host:port) instead of "
+                       "starting a LocalCluster; unreachable within XRDCT_DASK_CONNECT_TIMEOUT_S "
+                       "(10 s) is an error")
+        p.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster worker "
+                       "processes, >= 1 (default: one threaded worker using every core)")
         p.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
         p.add_argument("--backend", choices=["cpu", "gpu", "auto"], default=None,
                        help="array backend of the kernels, overriding the spec's 'backend' "
                        "(auto: the GPU when cupy sees one; gpu without a device is an error)")
-        p.add_argument("--cluster", default=None, help="Dask cluster: local (default), cuda "
+        p.add_argument("--cluster", default=None, type=_cluster, help="Dask cluster: local (default), cuda "
                        "(dask_cuda.LocalCUDACluster, one worker per GPU) or a scheduler address")
 
     p = sub.add_parser("process", help="process one scan into a product")
-    p.add_argument("scan", help="NeXus/HDF5 frames, scan table CSV, or HDF5 sinogram cube")
-    p.add_argument("--poni", default=None, help="pyFAI PONI calibration")
-    p.add_argument("--pipeline", default="default", help="spec name or YAML path")
-    p.add_argument("--out", default="xrdct-out", help="product directory")
+    p.add_argument("scan", type=_nonempty, help="NeXus/HDF5 frames, scan table CSV, or HDF5 sinogram cube")
+    p.add_argument("--poni", default=None, type=_nonempty, help="pyFAI PONI calibration")
+    p.add_argument("--pipeline", default="default", type=_nonempty, help="spec name or YAML path")
+    p.add_argument("--out", default="xrdct-out", type=_nonempty, help="product directory")
     common(p)
     p.set_defaults(fn=cmd_process)
 
     def sim_args(p):
         p.add_argument("--preset", default="demo", help="simulator preset (demo, small, battery, catalyst)")
-        p.add_argument("--translations", type=int, default=None)
-        p.add_argument("--angles", type=int, default=None)
-        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--translations", type=_positive_int, default=None)
+        p.add_argument("--angles", type=_positive_int, default=None)
+        p.add_argument("--seed", type=_seed, default=None)
 
     p = sub.add_parser("simulate", help="simulate an XRD-CT scan with known ground truth")
-    p.add_argument("out", help="output directory")
+    p.add_argument("out", type=_nonempty, help="output directory")
     sim_args(p)
     p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("demo", help="simulate the built-in demo scan and process it")
-    p.add_argument("--out", default="xrdct-out/demo")
+    p.add_argument("--out", default="xrdct-out/demo", type=_nonempty)
     p.add_argument("--pipeline", default=None, help="spec (default: demo)")
     sim_args(p)
     common(p)
@@ -352,8 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--poni", help="only the profiles of this PONI file")
     where(c)
     c.set_defaults(fn=cmd_catalog_profiles)
-    c = csub.add_parser("add", help="register scan files or every scan in a directory")
-    c.add_argument("paths", nargs="+", metavar="SCAN_OR_DIR")
+    c = csub.add_parser("add", help="register scan files or every scan in a directory, and "
+                        "published product stores (<id>.zarr) missing from the catalog")
+    c.add_argument("paths", nargs="+", metavar="SCAN_OR_DIR_OR_PRODUCT")
     c.add_argument("--recursive", "-r", action="store_true", help="walk sub-directories")
     c.add_argument("--proposal", help="file the scans under this proposal (default: the "
                    "NeXus entry's experiment_identifier)")
@@ -374,25 +601,37 @@ def main(argv: list[str] | None = None) -> int:
     # the ephemeral API server's 20 s start-up limit is too short on a loaded 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     _quiet()
+    if args.cmd in ("process", "demo"):
+        _install_stop_handlers(args.out if args.cmd == "process" else Path(args.out) / "products")
+    from catalog.db import CatalogError
+    from flows.process import ProcessingError
+
     try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        rc = args.fn(args)
+    except (Stopped, KeyboardInterrupt) as stop:
+        import signal
+
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        _begin_stop(signum)
+        _exit_stopped(signum)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            CatalogError, ProcessingError) as err:
+        if _stop["signum"] is not None:  # the stop surfaced as the flow's failure
+            _exit_stopped(_stop["signum"])
         from rich.markup import escape
 
         # escaped: messages name fields like mapping.phases[1].cif; not wrapped: paths
-        # in the message stay whole when the output is piped
-        _console().print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
-        return 2
-    except RuntimeError as err:
-        from flows.process import ProcessingError
-
-        if not isinstance(err, ProcessingError):
-            raise
-        from rich.markup import escape
-
-        # a stage failed (e.g. non-finite maps): one line, the work kept for inspection
-        _console().print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
-        return 1
+        # in the message stay whole when the output is piped. Bad input (a ValueError, a
+        # missing or unwritable file) exits 2; a catalog or cluster that cannot be used, 1.
+        _console().print(f"[red]error:[/red] {escape(' '.join(str(err).splitlines()))}", soft_wrap=True)
+        return 1 if isinstance(err, (CatalogError, ProcessingError)) else 2
+    except BaseException:
+        if _stop["signum"] is not None:
+            _exit_stopped(_stop["signum"])
+        raise
+    if _stop["signum"] is not None:  # a signal the flow's machinery swallowed
+        _exit_stopped(_stop["signum"])
+    return rc
 
 
 if __name__ == "__main__":

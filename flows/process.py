@@ -33,6 +33,10 @@ class ProcessingError(RuntimeError):
     """A stage could not produce its output; the message names the stage and input."""
 
 
+class ClusterUnreachableError(ProcessingError):
+    """The Dask scheduler named by ``--dask-address`` (``cluster``) cannot be reached."""
+
+
 @dataclass
 class Request:
     """Everything that defines a product (JSON-serialisable, passed between tasks)."""
@@ -1209,6 +1213,10 @@ def stage_publish(req: Request, started: float, stage_info: dict) -> str:
         # same spec, same code, so the same product; drop this attempt and return that one
         req.discard_work()
         return str(req.final)
+    if os.environ.get("_XRDCT_TEST_KILL_AFTER_PUBLISH"):  # tests only: die between rename and catalog
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     for suffix, f in side.items():
         if f.exists():
             os.replace(f, final.with_suffix(suffix))
@@ -1285,22 +1293,159 @@ def _flow_run_id() -> str | None:
 
 
 def _register(req: Request, final: Path, stage_info: dict, run: dict) -> None:
-    """Record the product in the catalog (SQLite beside the products by default)."""
+    """Record the product in the catalog (SQLite beside the products by default).
+
+    Raises
+    ------
+    catalog.db.CatalogError
+        The catalog is locked past its timeout, corrupt or read-only. The product stays
+        published; the message says how it gets its row (a rerun of the request, or
+        ``xrdct catalog add``)."""
+    from catalog.db import CatalogError
+
+    try:
+        register_product_store(final, req.out, run=run)
+    except CatalogError as err:
+        raise CatalogError(f"{err}; product {final} is published but has no catalog row: run the "
+                           f"same request again or 'xrdct catalog add {final}' once the catalog "
+                           f"is usable") from None
+
+
+def register_product_store(product: str | Path, out: str | Path | None = None, *, run: dict | None = None,
+                           catalog=None, if_absent: bool = False) -> bool:
+    """Record a published product in the catalog from what the product itself holds: its
+    provenance attrs (scan, input and calibration checksums, spec, code version, ingest
+    info) and its run record (``<id>.run.json``: wall time, timings, flow-run id).
+
+    What publishing writes and what repairs a catalog that missed a product (a run killed
+    between the rename and the catalog write, a catalog locked or corrupt then) or
+    ``xrdct catalog add <product>.zarr`` use: one code path, the same row.
+
+    Parameters
+    ----------
+    product : path
+        A published product store ``<out>/<product_id>.zarr``.
+    out : path, optional
+        Product directory whose catalog is used (default: the product's folder); ignored
+        when ``catalog`` is given.
+    run : dict, optional
+        This run's record (default: the product's ``<id>.run.json``, or none).
+    catalog : catalog.db.Catalog, optional
+    if_absent : bool
+        Write nothing when the product has a row already.
+
+    Returns
+    -------
+    bool
+        Whether the product row was added.
+
+    Raises
+    ------
+    ValueError
+        ``product`` is not a published xrdct product store (no zarr.json or no product id).
+    catalog.db.CatalogError
+        The catalog cannot be written.
+    """
     import hashlib
 
     from catalog.db import Catalog
 
-    prov = store.provenance(final)
-    scan_sum = (next(iter(req.inputs.values())) if len(req.inputs) == 1 else
-                hashlib.sha256(json.dumps(req.inputs, sort_keys=True).encode()).hexdigest())
-    Catalog.for_products(req.out).register_product(
-        product_id=req.product_id, location=str(final), scan_path=req.scan, scan_checksum=scan_sum,
-        scan_kind=stage_info.get("ingest", {}).get("kind", ""),
-        geometry={k: v for k, v in stage_info.get("ingest", {}).items() if k not in ("resumed", "metadata")},
-        poni=req.poni, calibration=req.calibration, pipeline_name=prov.get("pipeline_name", ""),
-        spec=json.loads(req.spec_json), code_version=prov.get("code_version", ""),
-        inputs=req.inputs, timings=run.get("timings_s", {}), wall_time_s=run.get("wall_time_s"),
-        flow_run_id=run.get("flow_run_id"), metadata=stage_info.get("ingest", {}).get("metadata"))
+    final = Path(product).resolve()
+    try:
+        prov = store.provenance(final) if (final / "zarr.json").is_file() else {}
+    except Exception as err:  # noqa: BLE001 - unreadable attrs: not a product we can register
+        raise ValueError(f"{final}: cannot read the product's attributes ({err})") from None
+    pid = prov.get("product_id")
+    if not pid or final.name != f"{pid}.zarr" or "inputs" not in prov:
+        raise ValueError(f"{final}: not a published xrdct product store (expected "
+                         f"<product_id>.zarr with zarr.json and provenance attrs)")
+    run = run if run is not None else run_record(final)
+    inputs = prov["inputs"].get("checksums", {})
+    cal = prov.get("calibration", {})
+    ingest = prov.get("stages", {}).get("ingest", {})
+    scan_sum = (next(iter(inputs.values())) if len(inputs) == 1 else
+                hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest())
+    cat = catalog or Catalog.for_products(out if out is not None else final.parent)
+    try:
+        return cat.register_product(
+            product_id=pid, location=str(final), scan_path=prov["inputs"].get("scan", ""),
+            scan_checksum=scan_sum, scan_kind=ingest.get("kind", ""),
+            geometry={k: v for k, v in ingest.items() if k not in ("resumed", "metadata", "seconds")},
+            poni=cal.get("poni"), calibration=cal.get("checksums", {}),
+            pipeline_name=prov.get("pipeline_name", ""), spec=prov.get("pipeline_spec", {}),
+            code_version=prov.get("code_version", ""), inputs=inputs,
+            timings=run.get("timings_s", {}), wall_time_s=run.get("wall_time_s"),
+            flow_run_id=run.get("flow_run_id"), metadata=ingest.get("metadata"), if_absent=if_absent)
+    finally:
+        if catalog is None:
+            cat.dispose()
+
+
+def _catalogued(req: Request) -> bool:
+    """Whether the catalog of ``req.out`` has the product's row (CatalogError when the
+    catalog cannot be read)."""
+    from catalog.db import Catalog
+
+    cat = Catalog(Catalog.resolve_url(None, req.out), readonly=True)
+    try:
+        return cat.product(req.product_id) is not None
+    finally:
+        cat.dispose()
+
+
+def _check_catalog(req: Request) -> None:
+    """Open the catalog of ``req.out`` once (migrating it), so that a catalog that is locked
+    past its timeout, corrupt or read-only fails before any work (CatalogError). A default
+    SQLite catalog that does not exist yet is not created here."""
+    from catalog.db import Catalog, catalog_location
+
+    url = Catalog.resolve_url(None, req.out)
+    if url.startswith("sqlite") and not Path(catalog_location(url)).exists():
+        return
+    Catalog(url).dispose()
+
+
+class OutputError(ValueError):
+    """The product folder (``out``) cannot hold products: a file, or not writable."""
+
+
+def check_out(out: str | Path) -> None:
+    """Check that ``out`` is a folder this process can write, or can be made as one.
+
+    Raises
+    ------
+    OutputError
+        ``out`` (or the nearest existing folder above it) is a file, or is not writable.
+    """
+    out = Path(out)
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"out {str(out)!r}: {str(p)!r} is a file; expected a folder for products")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise OutputError(f"out {str(out)!r}: folder {str(p)!r} is not writable (products, work "
+                          f"stores and locks are written there)")
+
+
+def _repair_published(req: Request) -> None:
+    """Finish the publishing of a product a run left half-done (called under the product
+    lock): move the PNG and run record from the work folder beside the product, and add
+    the catalog row if it is missing. Idempotent."""
+    for suffix in (".png", ".run.json"):
+        side = req.work.with_suffix(suffix)
+        if side.exists() and not req.final.with_suffix(suffix).exists():
+            os.replace(side, req.final.with_suffix(suffix))
+        side.unlink(missing_ok=True)
+    from catalog.db import CatalogError
+
+    try:
+        if register_product_store(req.final, req.out, if_absent=True):
+            _log_info(f"product {req.product_id}: catalog row added (it was published without one)")
+    except CatalogError as err:
+        raise CatalogError(f"{err}; product {req.final} is published but has no catalog row: run "
+                           f"the same request again or 'xrdct catalog add {req.final}' once the "
+                           f"catalog is usable") from None
 
 
 def _timings(work) -> dict:
@@ -1387,16 +1532,28 @@ def _build_flow():
     return process_scan
 
 
+#: Lock files this process holds now (:func:`product_lock`); the CLI's stop on a signal
+#: removes them before it exits.
+HELD_LOCKS: set[str] = set()
+#: Set when the process was asked to stop (the CLI's SIGTERM / SIGINT handler): no stage
+#: starts and nothing is published after it, whichever thread runs the flow.
+STOP_REQUESTED = __import__("threading").Event()
+
+
 @contextlib.contextmanager
 def product_lock(req: Request, wait_message=None):
     """Hold the product's lock (``<out>/.locks/<product_id>.lock``, an exclusive ``flock``)
-    while it is built.
+    while it is built; the lock file is removed when its holder lets go.
 
     A second request for the same content address waits here until the first has
     published (then finds the product and returns it) or died (the operating system
     releases a dead process's lock; the request then resumes the first one's work store).
     The lock is advisory and works across processes of one host and on file systems with
-    POSIX locks (local disks, NFSv4, Lustre with ``flock``).
+    POSIX locks (local disks, NFSv4, Lustre with ``flock``). Only the holder removes the
+    file, while it still holds it; a waiter that then gets the lock of the removed file
+    finds it is no longer the file at that path and locks the new one (the usual
+    lock-then-check-inode protocol), so two runs never both hold "the" lock. A process
+    killed while holding it leaves a 0-byte file, harmless: the next run locks and removes it.
 
     Parameters
     ----------
@@ -1406,17 +1563,38 @@ def product_lock(req: Request, wait_message=None):
     """
     import fcntl
 
-    req.lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(req.lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    told = False
+    while True:
+        req.lock.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if wait_message is not None:
-                wait_message(f"product {req.product_id} is being made by another run; waiting")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = os.open(req.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # .locks removed this instant: make it again
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if wait_message is not None and not told:
+                    wait_message(f"product {req.product_id} is being made by another run; waiting")
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(req.lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # locked a file its holder removed meanwhile: lock the one there now
+    HELD_LOCKS.add(str(req.lock))
+    try:
         yield
     finally:
+        HELD_LOCKS.discard(str(req.lock))
+        with contextlib.suppress(OSError):
+            os.unlink(req.lock)  # still held: nobody else can have it
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
@@ -1487,7 +1665,10 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
 
     ``stages`` maps stage names to callables (Prefect tasks inside the flow; the
     :func:`resumable` ``stage_*`` functions otherwise). An already-published product is
-    returned as is; a request for a product another run is making waits for it
+    returned as is once the catalog has its row; one published without it (a run killed
+    between the rename and the catalog write, a catalog locked or corrupt then) gets the row
+    from its own attrs first (:func:`register_product_store`); a request for a product
+    another run is making waits for it
     (:func:`product_lock`); a request whose earlier attempt died resumes after the last
     stage that attempt finished. ``backend`` (``cpu``, ``gpu``, ``auto``) overrides the
     spec's ``backend`` (it is part of the spec, hence of the product id); ``gpu`` without a
@@ -1508,6 +1689,21 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
       stage that finished (:func:`open_work`, :func:`resumable`).
 
     Nothing is published by a failed request in either case: publishing is the last step.
+    The catalog is opened before any work, so a catalog that is locked past
+    ``XRDCT_CATALOG_TIMEOUT_S``, corrupt or read-only fails the request first
+    (:class:`catalog.db.CatalogError`); if it fails only at publishing, the product stays
+    published and the next request adds its row. The product's lock file is removed when
+    the request ends, whatever the outcome.
+
+    Raises
+    ------
+    OutputError
+        ``out`` is a file or not writable.
+    catalog.db.CatalogError
+        The catalog cannot be used.
+    ClusterUnreachableError
+        The Dask scheduler at ``dask_address`` did not answer within
+        ``XRDCT_DASK_CONNECT_TIMEOUT_S`` seconds (10).
     """
     if backend is not None:
         from tasks._xp import BACKENDS
@@ -1518,15 +1714,19 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
         pipeline.backend = backend
     stages = stages or plain_stages()
     started = time.perf_counter()
+    check_out(out)
     req = make_request(scan, pipeline, poni, out)
-    if req.final.exists():
+    if req.final.exists() and _catalogued(req):
         return str(req.final)
     spec = req.spec
     from tasks._xp import resolve_backend
 
     resolve_backend(spec.backend)  # gpu without a device: one clear error, before any stage
+    if not req.final.exists():
+        _check_catalog(req)  # a locked, corrupt or read-only catalog fails here, before any work
     with product_lock(req, wait_message=_log_info):
-        if req.final.exists():  # made by the run we waited for
+        if req.final.exists():  # made by the run we waited for, or published without its row
+            _repair_published(req)
             return str(req.final)
         done = open_work(req)
         if done:
@@ -1534,6 +1734,9 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
         info = {}
 
         def run(name, *args):
+            if STOP_REQUESTED.is_set():
+                raise ProcessingError(f"product {req.product_id}: stopped before stage {name} (a "
+                                      f"stop was requested); the work store is kept for a resume")
             try:
                 out = stages[name](req, *args)
                 if name in done:  # finished by an earlier attempt (work-store record or Prefect cache)
@@ -1563,8 +1766,9 @@ def run_pipeline(scan, poni=None, pipeline="default", out="xrdct-out", dask_addr
                 check_finite(req, info)
                 return run("publish", started, info)
         except Exception as err:
-            if isinstance(err, input_errors()):
+            if isinstance(err, input_errors()) or (isinstance(err, ClusterUnreachableError) and not done):
                 # bad input: the same inputs fail the same way: nothing is kept for a resume
+                # (nor is a work store that no stage has written to)
                 req.discard_work()
             raise
 
@@ -1662,8 +1866,10 @@ def input_errors() -> tuple[type[Exception], ...]:
     from tasks.ingest import IngestError
     from tasks.integrate import IntegrationError
     from tasks.rietveld import PhaseError, ProfileError
+    from tasks.sinogram import SinogramError
 
-    return (SpecError, PathNotAllowedError, IngestError, IntegrationError, PhaseError, ProfileError)
+    return (SpecError, PathNotAllowedError, IngestError, IntegrationError, PhaseError, ProfileError,
+            SinogramError)
 
 
 def plain_stages() -> dict:
@@ -1725,7 +1931,14 @@ class _dask_client:
         from distributed import Client, LocalCluster
 
         if self.address:
-            self.client = Client(self.address)
+            t = float(os.environ.get("XRDCT_DASK_CONNECT_TIMEOUT_S", "10"))
+            try:
+                self.client = Client(self.address, timeout=t)
+            except (OSError, TimeoutError) as err:
+                why = " ".join(str(err).split()) or type(err).__name__
+                raise ClusterUnreachableError(
+                    f"Dask scheduler {self.address}: not reachable within {t:g} s "
+                    f"(XRDCT_DASK_CONNECT_TIMEOUT_S): {why[:200]}") from None
         elif self.kind == "cuda":
             try:
                 from dask_cuda import LocalCUDACluster
