@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.argtypes import real, whole
+
 PATTERN_SUFFIXES = (".xy", ".dat", ".txt", ".chi", ".csv")
 
 
@@ -282,8 +284,8 @@ def add_cli(sub, where) -> None:
                    "stored under its checksum")
     p.add_argument("--calibrant", default="CeO2", help="phase name in pipelines/phases or a CIF")
     p.add_argument("--mask", default=None, help="detector mask (frame source)")
-    p.add_argument("--npt", type=int, default=2000, help="integration bins (frame source)")
-    p.add_argument("--tth-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+    p.add_argument("--npt", type=whole(16), default=2000, help="integration bins (frame source)")
+    p.add_argument("--tth-range", type=real(0.0, 180.0, lo_open=True, hi_open=True), nargs=2, metavar=("LO", "HI"), default=None,
                    help="fit only this 2theta range (deg)")
     p.add_argument("--fixed-cell", action="store_true", help="keep the calibrant's certified cell")
     where(p)

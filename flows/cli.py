@@ -433,33 +433,9 @@ def _install_stop_handlers(out) -> None:
 
 # ----------------------------------------------------------------------------- arguments
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
-
-
-def _seed(text: str) -> int:
-    """argparse type: an integer >= 0 (a random seed)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
-    return v
-
-
-def _nonempty(text: str) -> str:
-    """argparse type: a non-blank string (path, name)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a non-empty value")
-    return text
+from flows.argtypes import nonempty as _nonempty  # noqa: E402
+from flows.argtypes import positive_int as _positive_int  # noqa: E402
+from flows.argtypes import seed as _seed  # noqa: E402
 
 
 _ADDRESS = r"^(?:(?:tcp|tls|ucx|ws|wss|inproc)://)?\[?[A-Za-z0-9_.:-]*[A-Za-z0-9]\]?:(\d{1,5})$"

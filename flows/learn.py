@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from catalog.db import Catalog
+from flows.argtypes import nonempty, real, whole
 from tasks import cnn
 
 __all__ = ["LearnError", "train_model_run", "continual_learning_run", "save_artifact",
@@ -391,32 +392,34 @@ def get_flows() -> dict:
 # ------------------------------------------------------------------------------ CLI
 
 
+
 def add_cli(sub, where) -> None:
     """Add ``xrdct train`` and ``xrdct learn`` to the CLI's sub-parsers (``where`` adds the
     catalog's ``--out`` / ``--url`` options)."""
     p = sub.add_parser("train", help="train the CNN reconstruction on simulated phantoms and "
                        "register it in the catalog")
-    p.add_argument("--name", default=DEFAULT_NAME, help="model name in the catalog")
-    p.add_argument("--size", type=int, default=32, help="image side = translations")
-    p.add_argument("--angles", type=int, default=32)
-    p.add_argument("--n-train", type=int, default=400)
-    p.add_argument("--n-held-out", type=int, default=40)
+    p.add_argument("--name", default=DEFAULT_NAME, type=nonempty, help="model name in the catalog")
+    p.add_argument("--size", type=whole(8), default=32, help="image side = translations")
+    p.add_argument("--angles", type=whole(3), default=32)
+    p.add_argument("--n-train", type=whole(1), default=400)
+    p.add_argument("--n-held-out", type=whole(1), default=40)
     p.add_argument("--kind", choices=list(cnn.KINDS), default="catalyst")
-    p.add_argument("--noise", type=float, default=0.01)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=cnn.LEARNING_RATE)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", type=real(0.0), default=0.01)
+    p.add_argument("--epochs", type=whole(1), default=30)
+    p.add_argument("--lr", type=real(0.0, lo_open=True), default=cnn.LEARNING_RATE)
+    p.add_argument("--seed", type=whole(0), default=0)
     p.add_argument("--promote", choices=["if_better", "always", "never"], default="if_better")
     where(p)
     p.set_defaults(fn=_cmd_train)
     p = sub.add_parser("learn", help="continual learning: retrain the promoted CNN with newly "
                        "processed scans, promote only if the held-out error improves")
-    p.add_argument("--name", default=DEFAULT_NAME)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=cnn.LEARNING_RATE)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--held-out-fraction", type=float, default=0.25)
-    p.add_argument("--bins", type=int, default=8, help="radial bins per slice taken from a scan")
+    p.add_argument("--name", default=DEFAULT_NAME, type=nonempty)
+    p.add_argument("--epochs", type=whole(1), default=10)
+    p.add_argument("--lr", type=real(0.0, lo_open=True), default=cnn.LEARNING_RATE)
+    p.add_argument("--seed", type=whole(0), default=0)
+    p.add_argument("--held-out-fraction", type=real(0.0, 1.0, lo_open=True, hi_open=True),
+                   default=0.25)
+    p.add_argument("--bins", type=whole(1), default=8, help="radial bins per slice taken from a scan")
     where(p)
     p.set_defaults(fn=_cmd_learn)
 
