@@ -404,7 +404,7 @@ def _on_signal(signum, _frame):
     raise Stopped(signum)
 
 
-def _install_stop_handlers(out) -> None:
+def _install_stop_handlers(out, prefect: bool = True) -> None:
     """SIGTERM and SIGINT end a run within seconds: the handler raises :class:`Stopped` in
     the main thread (the Dask cluster closes, the product lock is released, the work store
     is kept for a resume), and :func:`_exit_stopped` ends every child process and exits
@@ -416,6 +416,8 @@ def _install_stop_handlers(out) -> None:
     _stop["out"] = out
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    if not prefect:  # --no-prefect: Prefect is never imported (its import costs seconds)
+        return
     try:
         import prefect.utilities.engine as engine
 
@@ -578,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     _quiet()
     if args.cmd in ("process", "demo"):
-        _install_stop_handlers(args.out if args.cmd == "process" else Path(args.out) / "products")
+        _install_stop_handlers(args.out if args.cmd == "process" else Path(args.out) / "products",
+                               prefect=not getattr(args, "no_prefect", False))
     from catalog.db import CatalogError
     from flows.process import ProcessingError
 
