@@ -428,26 +428,26 @@ def _chunk_bytes(p, i):
     return info.byte_offset, info.size
 
 
+def _chunk_overwritten(sim, d, frame, at, data):
+    """A copy of the scan with ``data`` written ``at`` bytes into frame ``frame``'s chunk;
+    the case's expected error names the file, dataset, field, frame and chunk."""
+    p = _copy(sim, d)
+    off, _ = _chunk_bytes(p, frame)
+    with open(p, "r+b") as f:
+        f.seek(off + at)
+        f.write(data)
+    return dict(scan=p), IngestError, ["{scan}", "/data", "input.frames",
+                                       f"first unreadable frame {frame}", f"chunk ({frame}, 0, 0)"]
+
+
 def chunk_size_header_flipped(sim, d):
     """The decoded-size field of a bitshuffle chunk header changed."""
-    p = _copy(sim, d)
-    off, _ = _chunk_bytes(p, 37)
-    with open(p, "r+b") as f:
-        f.seek(off + 6)
-        f.write(b"\x7f")
-    return dict(scan=p), IngestError, ["{scan}", "/data", "input.frames", "first unreadable frame 37",
-                                       "chunk (37, 0, 0)"]
+    return _chunk_overwritten(sim, d, 37, 6, b"\x7f")
 
 
 def chunk_lz4_block_size_flipped(sim, d):
     """The compressed size of the first LZ4 block of a chunk changed (decoder error)."""
-    p = _copy(sim, d)
-    off, _ = _chunk_bytes(p, 50)
-    with open(p, "r+b") as f:
-        f.seek(off + 12)
-        f.write(b"\x00\x7f")
-    return dict(scan=p), IngestError, ["{scan}", "/data", "input.frames", "first unreadable frame 50",
-                                       "chunk (50, 0, 0)"]
+    return _chunk_overwritten(sim, d, 50, 12, b"\x00\x7f")
 
 
 def chunk_fletcher32_mismatch(sim, d):

@@ -42,7 +42,11 @@ FAST = _cases([(16, 12), (20, 13), (24, 24), (48, 36), (128, 128), (64, 400)])
 # the issue's case: 24 x 24, 24 angles over 180, axis 1.7 px off, noise and hot spots
 FAST += [pytest.param(CentreCase(24, 24, 180, 1.7, counts=100.0, hot=0.03, air=0.05, seed=s),
                       id=f"issue-24x24-off1.7-seed{s}") for s in range(4)]
-SLOW = _cases([(400, 12), (400, 400), (256, 90)])
+_LARGE = _cases([(400, 12), (400, 400), (256, 90)])
+# in the default run: every large size and scan span once, at the hardest noise and the
+# largest axis offset; the rest of the large matrix (about 3 min here) runs with -m long
+LARGE_DEFAULT = [p for p in _LARGE if p.id.endswith("-off-0.25-100cts+hot+air")]
+LARGE_LONG = [p for p in _LARGE if p not in LARGE_DEFAULT]
 
 
 def _check(case):
@@ -63,8 +67,14 @@ def test_centre_within_a_tenth_of_a_pixel(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", SLOW)
+@pytest.mark.parametrize("case", LARGE_DEFAULT)
 def test_centre_within_a_tenth_of_a_pixel_large(case):
+    _check(case)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("case", LARGE_LONG)
+def test_centre_within_a_tenth_of_a_pixel_large_all(case):
     _check(case)
 
 
