@@ -23,6 +23,27 @@ import numpy as np
 from numba import njit
 
 
+def balanced_ranges(ptr, pieces: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of the ``len(ptr) - 1`` rows (or columns) of a compressed sparse
+    matrix holding about equal numbers of entries: ``pieces`` at most, empty ones dropped.
+
+    Parameters
+    ----------
+    ptr : numpy.ndarray, shape (n + 1,), int
+        Row (or column) pointer, non-decreasing, ``ptr[0] == 0``.
+    pieces : int
+
+    Returns
+    -------
+    list of (start, stop)
+        Covering ``0 .. n`` in order.
+    """
+    n = ptr.shape[0] - 1
+    cuts = np.searchsorted(ptr, np.linspace(0, ptr[-1], int(pieces) + 1)).clip(0, n)
+    cuts[0], cuts[-1] = 0, n
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
 @njit(cache=True, nogil=True, fastmath=False, boundscheck=False)
 def _scatter(frames, p0, p1, colptr, rows, coef, omega, dark, use_dark, use_dummy, dummy,
              delta, is_float, do_var, S, V, L):
@@ -83,7 +104,7 @@ def integrate_csc(frames, colptr, rows, coef, omega, norm, nbins, *, monitor=Non
     rows : numpy.ndarray, shape (nnz,), int32
         The matrix in compressed-column form: bins of each pixel's coefficients.
     coef : numpy.ndarray, shape (nnz,), float32
-    omega : numpy.ndarray, shape (npix,), float64
+    omega : numpy.ndarray, shape (npix,), float32
         Solid angle x polarisation x flat per pixel.
     norm : numpy.ndarray, shape (nbins,), float64
         ``sum_j c_j omega_j`` per bin.
@@ -105,17 +126,13 @@ def integrate_csc(frames, colptr, rows, coef, omega, norm, nbins, *, monitor=Non
     """
     n = frames.shape[0]
     fr = np.ascontiguousarray(frames).reshape(n, -1)
-    npix = fr.shape[1]
     is_float = bool(np.issubdtype(fr.dtype, np.floating))
     use_dark = dark is not None
-    dk = np.asarray(dark, np.float64) if use_dark else np.zeros(1)
-    om = np.asarray(omega, np.float64)
-    T = max(1, min(int(threads), 64))
-    # pixel ranges of equal numbers of matrix entries
-    targets = np.linspace(0, colptr[-1], T + 1)
-    cuts = np.searchsorted(colptr, targets).clip(0, npix)
-    cuts[0], cuts[-1] = 0, npix
-    parts = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    # float32 as the integrator holds them (no per-batch copy of two detector-sized arrays);
+    # the kernel widens each value it reads, so the sums are unchanged
+    dk = np.asarray(dark, np.float32) if use_dark else np.zeros(1, np.float32)
+    om = np.asarray(omega, np.float32)
+    parts = balanced_ranges(colptr, max(1, min(int(threads), 64)))  # pixels, equal entries
     acc = [(np.zeros((nbins, n)), np.zeros((nbins, n)) if poisson else np.zeros((1, 1)),
             np.zeros((nbins, n))) for _ in parts]
     args = (colptr, rows, coef, om, dk, use_dark, dummy is not None,
@@ -285,9 +302,7 @@ def sigma_clip_bins(frames, indptr, pix, om32, *, dark=None, dummy=None, delta=N
             bool(np.issubdtype(fr.dtype, np.floating)), bool(poisson), float(thres),
             int(max_iter), mean, sem)
     T = max(1, min(int(threads), 64))
-    cuts = np.searchsorted(indptr, np.linspace(0, indptr[-1], 4 * T + 1)).clip(0, nbins)
-    cuts[0], cuts[-1] = 0, nbins
-    parts = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    parts = balanced_ranges(indptr, 4 * T)   # bins, equal pixel counts, 4 per thread
     if T == 1 or len(parts) == 1:
         _clip_bins(fr, 0, nbins, *args)
     else:

@@ -483,23 +483,19 @@ class RadialIntegrator:
             from tasks._integrate_nb import integrate_csc  # noqa: PLC0415
 
             dummy, delta = self.dummies(f.dtype)
-            intensity = np.empty((n, csr.nbins), np.float32)
-            sigma = np.empty((n, csr.nbins), np.float32) if do_var else None
-            for s in range(0, n, self.sub_batch):
-                e = min(n, s + self.sub_batch)
-                i, sg = integrate_csc(f[s:e], *csr.csc, self.omega, csr.norm, csr.nbins,
-                                      monitor=None if mon is None else mon[s:e],
-                                      dark=self._dark_flat, dummy=dummy, delta=delta,
-                                      poisson=do_var, threads=self.threads)
-                intensity[s:e] = i
-                if do_var:
-                    sigma[s:e] = sg
-            return intensity, sigma
+
+            def one(fb, mb):
+                return integrate_csc(fb, *csr.csc, self.omega, csr.norm, csr.nbins, monitor=mb,
+                                     dark=self._dark_flat, dummy=dummy, delta=delta,
+                                     poisson=do_var, threads=self.threads)
+        else:
+            def one(fb, mb):
+                return self._integrate_cpu(fb, mb, csr, do_var)
         intensity = np.empty((n, csr.nbins), np.float32)
         sigma = np.empty((n, csr.nbins), np.float32) if do_var else None
         for s in range(0, n, self.sub_batch):
             e = min(n, s + self.sub_batch)
-            i, sg = self._integrate_cpu(f[s:e], None if mon is None else mon[s:e], csr, do_var)
+            i, sg = one(f[s:e], None if mon is None else mon[s:e])
             intensity[s:e] = i
             if do_var:
                 sigma[s:e] = sg
@@ -677,19 +673,24 @@ class RadialIntegrator:
                                delta=delta, poisson=self.error_model == "poisson", thres=thres,
                                max_iter=max_iter, threads=self.threads)
 
-    def _sigma_clip_kernel(self, f, thres: float, max_iter: int):
-        """Sigma clip of cupy frames by :func:`tasks.cuda_kernels.sigma_clip_csr`; returns
-        (n, npt) float64 arrays as :meth:`_sigma_clip_array` does."""
+    def _kernel_inputs(self, f) -> dict:
+        """Arguments the per-bin CUDA kernels of :mod:`tasks.cuda_kernels` share, for cupy
+        frames ``f``: the no-split matrix's segments on the device, the largest bin, the
+        dummy test and the error model."""
         import cupy as cp  # noqa: PLC0415
-
-        from tasks.cuda_kernels import sigma_clip_csr  # noqa: PLC0415
 
         pix, _bin_of, indptr, om, dark = self._segments(cp)
         dummy, delta = self.dummies(f.dtype)
-        csr = self._csr("no")
-        return sigma_clip_csr(f, indptr, pix, om, dark, max_count=int(csr.counts.max(initial=1)),
-                              dummy=dummy, delta=delta, poisson=self.error_model == "poisson",
-                              thres=thres, max_iter=max_iter)
+        return dict(indptr=indptr, pix=pix, om=om, dark=dark, dummy=dummy, delta=delta,
+                    max_count=int(self._csr("no").counts.max(initial=1)),
+                    poisson=self.error_model == "poisson")
+
+    def _sigma_clip_kernel(self, f, thres: float, max_iter: int):
+        """Sigma clip of cupy frames by :func:`tasks.cuda_kernels.sigma_clip_csr`; returns
+        (n, npt) float64 arrays as :meth:`_sigma_clip_array` does."""
+        from tasks.cuda_kernels import sigma_clip_csr  # noqa: PLC0415
+
+        return sigma_clip_csr(f, **self._kernel_inputs(f), thres=thres, max_iter=max_iter)
 
     @property
     def radial_clip(self) -> np.ndarray:
@@ -880,13 +881,7 @@ class RadialIntegrator:
             if engine == "kernel":
                 from tasks.cuda_kernels import trimmed_mean_csr  # noqa: PLC0415
 
-                pix, _b, indptr, om, dark = self._segments(xp)
-                dummy, delta = self.dummies(f.dtype)
-                i, sg = trimmed_mean_csr(f, indptr, pix, om, dark,
-                                         max_count=int(self._csr("no").counts.max(initial=1)),
-                                         dummy=dummy, delta=delta,
-                                         poisson=self.error_model == "poisson",
-                                         quantiles=(lo, hi))
+                i, sg = trimmed_mean_csr(f, **self._kernel_inputs(f), quantiles=(lo, hi))
             else:
                 i, sg = self._trimmed_mean_array(xp, f, lo, hi)
             if mon is not None:

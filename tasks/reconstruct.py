@@ -648,33 +648,28 @@ def _fbp_numpy(sino, ang, filter, center, circle, interpolation, pixel_chunk, ke
     w = angle_weights(ang)
     f = filter_sinogram(sino, filter, weights=w / 2.0,   # astra: filter 2|f|, scale pi/(2 n)
                         cutoff=cutoff)
-    f2 = f.reshape(na * nt, nb)
-    x, y = _pixel_coords(nt)
-    if circle:
-        keep = np.flatnonzero(circle_mask(nt, c).ravel())
-    else:
-        keep = np.arange(nt * nt)
+    mask = circle_mask(nt, c) if circle else np.ones((nt, nt), bool)
     out = xp.zeros((nt * nt, nb), dtype=xp.float32)
     if _use_cuda_kernel(xp, interpolation, kernel):
         from tasks.cuda_kernels import backproject_joseph  # noqa: PLC0415
 
-        mask = circle_mask(nt, c) if circle else np.ones((nt, nt), bool)
         backproject_joseph(f, np.deg2rad(ang), c, mask, out=out)
         return out.reshape(nt, nt, nb)
     if xp is np and kernel == "auto" and pixel_chunk is None:
         from tasks._fbp_nb import backproject  # noqa: PLC0415
 
-        mask = circle_mask(nt, c) if circle else np.ones((nt, nt), bool)
         backproject(f, np.deg2rad(ang), c, mask, interpolation=interpolation, out=out)
         return out.reshape(nt, nt, nb)
+    f2 = f.reshape(na * nt, nb)
+    x, y = _pixel_coords(nt)
+    keep = np.flatnonzero(mask.ravel())
     if pixel_chunk is None:
         # CPU: building the matrix is memory-bound; blocks of ~2^18 (pixel, angle) pairs
         # stay in cache (measured 2x faster than 2^21 on a 708 x 180 sinogram).
         # GPU: fewer, larger sparse products (~2^23 pairs, ~130 MB of matrix per block).
         pixel_chunk = max(64, (2**18 if xp is np else 2**23) // na)
-    keep_x = keep
-    for p0 in range(0, keep_x.size, pixel_chunk):
-        idx = keep_x[p0:p0 + pixel_chunk]
+    for p0 in range(0, keep.size, pixel_chunk):
+        idx = keep[p0:p0 + pixel_chunk]
         B = backprojection_matrix((x[idx], y[idx]), ang, nt, c, interpolation, xp=xp,
                                   drop_zeros=nb >= 16)
         out[xp.asarray(idx)] = B @ f2
